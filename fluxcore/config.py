@@ -1,0 +1,107 @@
+"""FluxConfig: the transformer's hyper-parameters, with the reference's (BFL `FluxParams`) field names.
+
+PRESETS holds every official FLUX.1 variant under the reference's config names, plus small
+configurations for tests and experiments on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fluxcore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Flat and frozen; defaults are FLUX.1-dev. Derive variants with `dataclasses.replace`.
+
+    in_channels:  packed input channels (64 = 16 latent ch x 2x2; 128 control; 384 fill).
+    out_channels: packed output channels (the velocity), 64 for every official variant.
+    vec_in_dim:   pooled text vector width (CLIP-L: 768).
+    context_in_dim: text token width (T5-XXL: 4096).
+    hidden_size, num_heads: width and heads; head dim = hidden_size / num_heads = sum(axes_dim).
+    depth, depth_single_blocks: number of double- and single-stream blocks.
+    axes_dim: RoPE dims per position axis (index, row, col); theta: RoPE base.
+    guidance_embed: the model takes a distilled guidance strength (dev-type) or not (schnell).
+    """
+
+    in_channels: int = 64
+    out_channels: int = 64
+    vec_in_dim: int = 768
+    context_in_dim: int = 4096
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if sum(self.axes_dim) != self.head_dim:
+            raise ConfigError(
+                f"sum(axes_dim) = sum({list(self.axes_dim)}) = {sum(self.axes_dim)} must equal the head dim "
+                f"hidden_size / num_heads = {self.head_dim}"
+            )
+        if any(a % 2 for a in self.axes_dim):
+            raise ConfigError(f"every entry of axes_dim must be even (RoPE rotates pairs), got {list(self.axes_dim)}")
+        for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "depth_single_blocks"):
+            if getattr(self, name) < (0 if name == "depth_single_blocks" else 1):
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.depth < 0:
+            raise ConfigError(f"depth must be >= 0, got {self.depth}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def replace(self, **changes) -> FluxConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_DEV = FluxConfig()
+
+PRESETS: dict[str, FluxConfig] = {
+    "flux-dev": _DEV,
+    "flux-dev-krea": _DEV,
+    "flux-dev-kontext": _DEV,
+    "flux-schnell": _DEV.replace(guidance_embed=False),
+    "flux-dev-fill": _DEV.replace(in_channels=384),
+    "flux-dev-canny": _DEV.replace(in_channels=128),
+    "flux-dev-depth": _DEV.replace(in_channels=128),
+    # Small configurations with the real structure (double + single blocks, 3-axis RoPE),
+    # for tests and CPU experiments. head dim 16 = 4 + 6 + 6.
+    "tiny-dev": FluxConfig(
+        in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
+        mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+        theta=10_000, qkv_bias=True, guidance_embed=True,
+    ),
+}
+PRESETS["tiny-schnell"] = PRESETS["tiny-dev"].replace(guidance_embed=False)
+PRESETS["tiny-fill"] = PRESETS["tiny-dev"].replace(in_channels=384)
+PRESETS["tiny-canny"] = PRESETS["tiny-dev"].replace(in_channels=128)
+
+OFFICIAL_VARIANTS = (
+    "flux-schnell", "flux-dev", "flux-dev-krea", "flux-dev-kontext",
+    "flux-dev-fill", "flux-dev-canny", "flux-dev-depth",
+)
+
+
+def get_config(name: str) -> FluxConfig:
+    """The preset called `name`; a clear error listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown FLUX config {name!r}; known: {', '.join(sorted(PRESETS))}") from None
