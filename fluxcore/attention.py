@@ -94,6 +94,10 @@ def resolve_backend(q: Tensor, backend: str | None = None) -> AttentionBackend:
     name = backend or (_context_stack[-1] if _context_stack else None) or _global_choice
     if name is None:
         name = os.environ.get(ENV_VAR) or AUTO
+        if name not in _REGISTRY and name != AUTO:
+            raise BackendError(
+                f"unknown attention backend {name!r} (from {ENV_VAR}); known: {', '.join([AUTO, *sorted(_REGISTRY)])}"
+            )
     if name == AUTO:
         for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
             if b.auto_ok(q) and b.why_not(q) is None:

@@ -52,7 +52,9 @@ class FluxConfig:
                 f"hidden_size / num_heads = {self.head_dim}"
             )
         if any(a % 2 for a in self.axes_dim):
-            raise ConfigError(f"every entry of axes_dim must be even (RoPE rotates pairs), got {list(self.axes_dim)}")
+            raise ConfigError(
+                f"every entry of axes_dim must be even (RoPE rotates pairs), got {list(self.axes_dim)}"
+            )
         for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "depth_single_blocks"):
             if getattr(self, name) < (0 if name == "depth_single_blocks" else 1):
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -84,9 +86,19 @@ PRESETS: dict[str, FluxConfig] = {
     # Small configurations with the real structure (double + single blocks, 3-axis RoPE),
     # for tests and CPU experiments. head dim 16 = 4 + 6 + 6.
     "tiny-dev": FluxConfig(
-        in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=64,
-        mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
-        theta=10_000, qkv_bias=True, guidance_embed=True,
+        in_channels=64,
+        out_channels=64,
+        vec_in_dim=32,
+        context_in_dim=48,
+        hidden_size=64,
+        mlp_ratio=4.0,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 6, 6),
+        theta=10_000,
+        qkv_bias=True,
+        guidance_embed=True,
     ),
 }
 PRESETS["tiny-schnell"] = PRESETS["tiny-dev"].replace(guidance_embed=False)
@@ -94,8 +106,13 @@ PRESETS["tiny-fill"] = PRESETS["tiny-dev"].replace(in_channels=384)
 PRESETS["tiny-canny"] = PRESETS["tiny-dev"].replace(in_channels=128)
 
 OFFICIAL_VARIANTS = (
-    "flux-schnell", "flux-dev", "flux-dev-krea", "flux-dev-kontext",
-    "flux-dev-fill", "flux-dev-canny", "flux-dev-depth",
+    "flux-schnell",
+    "flux-dev",
+    "flux-dev-krea",
+    "flux-dev-kontext",
+    "flux-dev-fill",
+    "flux-dev-canny",
+    "flux-dev-depth",
 )
 
 

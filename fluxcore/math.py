@@ -13,7 +13,9 @@ from einops import rearrange
 from torch import Tensor
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, time_factor: float = 1000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int, max_period: float = 10_000, time_factor: float = 1000.0
+) -> Tensor:
     """Sinusoidal embedding of flow times, cos first.
 
     t: [B] in [0, 1] (any float dtype). The ×1000 happens in t's own dtype, as in the reference,

@@ -88,7 +88,9 @@ class Flux(nn.Module):
                 f"img and txt must be 3-D [B, L, C]; got img {tuple(img.shape)} and txt {tuple(txt.shape)}"
             )
         if img.shape[-1] != self.in_channels:
-            raise ValueError(f"img has {img.shape[-1]} channels; this model takes in_channels={self.in_channels}")
+            raise ValueError(
+                f"img has {img.shape[-1]} channels; this model takes in_channels={self.in_channels}"
+            )
         dtype = self.img_in.weight.dtype
         img = self.img_in(img.to(dtype))
         vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))

@@ -138,7 +138,9 @@ def diffusers_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
         kind, idx, _ = m.groups()
         rest = module[len(f"{kind}.{idx}.") :]
         prefix = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
-        renames, fused = (_DOUBLE_INV, _DOUBLE_FUSED) if kind == "transformer_blocks" else (_SINGLE_INV, _SINGLE_FUSED)
+        renames, fused = (
+            (_DOUBLE_INV, _DOUBLE_FUSED) if kind == "transformer_blocks" else (_SINGLE_INV, _SINGLE_FUSED)
+        )
         for bfl_module, pieces in fused.items():
             if rest in pieces:
                 pending.setdefault(f"{prefix}.{idx}.{_join(bfl_module, suffix)}", {})[rest] = t

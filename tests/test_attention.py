@@ -1,0 +1,73 @@
+"""The attention entry point: backends agree, selection precedence, clear errors."""
+
+import pytest
+import torch
+
+from fluxcore import attention, attention_backend, available_backends, set_attention_backend
+from fluxcore.attention import _REGISTRY, register_backend, resolve_backend
+from fluxcore.errors import BackendError
+from fluxcore.math import embed_positions
+
+
+@pytest.fixture(autouse=True)
+def _reset(monkeypatch):
+    monkeypatch.delenv("FLUXCORE_ATTENTION", raising=False)
+    yield
+    set_attention_backend(None)
+
+
+def qkvpe(b=2, h=3, length=37, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, generator=g).to(dtype) for _ in range(3))
+    ids = torch.stack([torch.zeros(length), torch.arange(length) // 7, torch.arange(length) % 7], -1).float()
+    pe = embed_positions(ids[None].expand(b, -1, -1), (4, 6, 6), 10_000)
+    return q, k, v, pe
+
+
+def test_eager_and_sdpa_agree_and_layout():
+    q, k, v, pe = qkvpe()
+    a = attention(q, k, v, pe, backend="eager")
+    b = attention(q, k, v, pe, backend="sdpa")
+    assert a.shape == (2, 37, 3 * 16)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # head-major channels: head 1 occupies channels 16..31
+    one_head = attention(q[:, 1:2], k[:, 1:2], v[:, 1:2], pe, backend="eager")
+    torch.testing.assert_close(a[..., 16:32], one_head, rtol=1e-6, atol=1e-6)
+
+
+def test_precedence_argument_context_global_env(monkeypatch):
+    q = torch.randn(1, 1, 4, 16)
+    assert resolve_backend(q).name == "sdpa"  # auto on CPU
+    monkeypatch.setenv("FLUXCORE_ATTENTION", "eager")
+    assert resolve_backend(q).name == "eager"
+    set_attention_backend("sdpa")
+    assert resolve_backend(q).name == "sdpa"  # global setter beats env
+    with attention_backend("eager"):
+        assert resolve_backend(q).name == "eager"  # context beats global
+        with attention_backend("sdpa"):
+            assert resolve_backend(q).name == "sdpa"  # innermost wins
+        assert resolve_backend(q, "sdpa").name == "sdpa"  # argument beats context
+        assert resolve_backend(q).name == "eager"
+    assert resolve_backend(q).name == "sdpa"
+
+
+def test_unknown_and_unavailable_backends_raise_with_reason(monkeypatch):
+    with pytest.raises(BackendError, match="unknown attention backend 'flash9'.*known: auto"):
+        set_attention_backend("flash9")
+    monkeypatch.setenv("FLUXCORE_ATTENTION", "nope")
+    with pytest.raises(BackendError, match="unknown attention backend 'nope' .from FLUXCORE_ATTENTION."):
+        attention(*qkvpe())
+    monkeypatch.delenv("FLUXCORE_ATTENTION")
+    register_backend("never", lambda q, k, v, pe: q, why_not=lambda q: "it is a test double", priority=99)
+    try:
+        with pytest.raises(BackendError, match="'never' cannot run: it is a test double"):
+            attention(*qkvpe(), backend="never")
+        assert resolve_backend(torch.randn(1, 1, 2, 16)).name != "never"  # auto skips it
+        assert "never" not in available_backends()
+    finally:
+        _REGISTRY.pop("never")
+
+
+def test_auto_never_picks_triton_on_cpu():
+    assert resolve_backend(torch.randn(1, 1, 2, 16), "auto").name == "sdpa"
+    assert {"eager", "sdpa"} <= set(available_backends())
