@@ -18,8 +18,56 @@ from fluxcore.math import apply_rope, modulate, rope, timestep_embedding
 from fluxcore.model import Flux
 
 # --- weights (issue 3) ---
+from fluxcore.weights import bfl_to_diffusers, diffusers_to_bfl, info, load_flux, save_flux
+
 # --- text encoders, tokenizers, autoencoder (issue 4) ---
+# isort: split
+from fluxcore.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderConfig
+from fluxcore.text import (
+    CLIP_PRESETS,
+    T5_PRESETS,
+    CLIPTextConfig,
+    CLIPTextEncoder,
+    CLIPTokenizer,
+    PromptTruncatedWarning,
+    T5Config,
+    T5Encoder,
+    T5Tokenizer,
+    encode_prompt,
+)
+from fluxcore.weights.encoders import (
+    load_autoencoder,
+    load_clip,
+    load_clip_tokenizer,
+    load_t5,
+    load_t5_tokenizer,
+    save_autoencoder,
+    save_clip,
+    save_t5,
+)
+
 # --- latents, sampling, pipeline (issue 5) ---
+# isort: split
+from fluxcore.conditioning import ReduxProjector, load_redux
+from fluxcore.latents import get_noise, make_img_ids, make_txt_ids, pack, unpack
+from fluxcore.pipeline import FluxPipeline, FluxPipelineOutput
+from fluxcore.sampling import (
+    SAMPLERS,
+    CFGDenoiser,
+    FlowDenoiser,
+    get_sampler,
+    get_schedule,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    time_shift,
+)
+
 # --- training (issue 7) ---
+# isort: split
+# The loop itself is `fluxcore.train.train` (the module keeps the name `fluxcore.train`).
+from fluxcore import toydata, train
+from fluxcore.train import EMA, TrainConfig, flow_loss, sample_timesteps, save_checkpoint
 
 __version__ = "0.1.0"

@@ -10,8 +10,14 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from fluxcore.attention import attention
+from fluxcore.attention import attention, resolve_backend
 from fluxcore.math import embed_positions, modulate, rms_norm
+
+
+def use_fused_kernels(x: Tensor, num_heads: int) -> bool:
+    """Whether attention over x's heads (x [B, L, H·Dh]) resolves to the "triton" backend. The blocks
+    then run their `forward_fused` twins, built from fluxcore.kernels (the only path importing triton)."""
+    return resolve_backend(rearrange(x, "B L (H D) -> B H L D", H=num_heads)).name == "triton"
 
 
 class EmbedND(nn.Module):
@@ -80,6 +86,15 @@ class SelfAttention(nn.Module):
         q, k = self.norm(q, k, v)
         return q, k, v
 
+    def qkv_heads_rope(self, x: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused twin of qkv_heads that also applies RoPE (pe [B, 1, L, Dh/2, 2, 2]) to q and k,
+        QK-norm, rotation and the head-major layout in one Triton pass."""
+        from fluxcore.kernels import qk_norm_rope
+
+        q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = qk_norm_rope(q, k, pe, self.norm.query_norm.scale, self.norm.key_norm.scale)
+        return q, k, v
+
 
 class Modulation(nn.Module):
     """adaLN parameters from the conditioning vector: vec [B, D] → 2 or 1 (shift, scale, gate) triples,
@@ -128,6 +143,8 @@ class DoubleStreamBlock(nn.Module):
         )
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        if use_fused_kernels(img, self.num_heads):
+            return self.forward_fused(img, txt, vec, pe)
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
 
@@ -145,6 +162,30 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_gate2 * self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
         txt = txt + txt_gate2 * self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+    def forward_fused(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        """forward() with fused Triton kernels: LayerNorm+modulate, QK-norm+RoPE, gate+residual."""
+        from fluxcore import kernels as K
+
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
+        n_txt, eps = txt.shape[1], self.img_norm1.eps
+
+        img_x = K.adaln_modulate(img, img_shift1, img_scale1, eps)
+        txt_x = K.adaln_modulate(txt, txt_shift1, txt_scale1, eps)
+        img_q, img_k, img_v = self.img_attn.qkv_heads_rope(img_x, pe[:, :, n_txt:])
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads_rope(txt_x, pe[:, :, :n_txt])
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        attn = K.flash_attention(q, k, v)  # q and k are already rotated
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+
+        img = K.gated_residual(img, img_gate1, self.img_attn.proj(img_attn))
+        img_mlp = self.img_mlp(K.adaln_modulate(img, img_shift2, img_scale2, eps))
+        img = K.gated_residual(img, img_gate2, img_mlp)
+        txt = K.gated_residual(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt_mlp = self.txt_mlp(K.adaln_modulate(txt, txt_shift2, txt_scale2, eps))
+        txt = K.gated_residual(txt, txt_gate2, txt_mlp)
         return img, txt
 
 
@@ -168,6 +209,8 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        if use_fused_kernels(x, self.num_heads):
+            return self.forward_fused(x, vec, pe)
         ((shift, scale, gate),) = self.modulation(vec)
         qkv, mlp = torch.split(
             self.linear1(modulate(self.pre_norm(x), shift, scale)),
@@ -178,6 +221,21 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe)
         return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+
+    def forward_fused(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        """forward() with fused Triton kernels; GELU and the concatenation are one pass."""
+        from fluxcore import kernels as K
+
+        ((shift, scale, gate),) = self.modulation(vec)
+        qkv, mlp = torch.split(
+            self.linear1(K.adaln_modulate(x, shift, scale, self.pre_norm.eps)),
+            [3 * self.hidden_dim, self.mlp_hidden_dim],
+            dim=-1,
+        )
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        q, k = K.qk_norm_rope(q, k, pe, self.norm.query_norm.scale, self.norm.key_norm.scale)
+        attn = K.flash_attention(q, k, v)
+        return K.gated_residual(x, gate, self.linear2(K.gelu_concat(attn, mlp)))
 
 
 class LastLayer(nn.Module):

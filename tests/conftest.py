@@ -14,6 +14,11 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES_FORCE_GPU_TESTS"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny models on a shared 2-core CPU: intra-op threads spin-wait against other processes and make
+# small matmuls ~100x slower; one thread is fastest for test-sized tensors.
+if not torch.cuda.is_available():
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -119,43 +119,60 @@ _DOUBLE_INV = {v: k for k, v in _DOUBLE.items()}
 _SINGLE_INV = {v: k for k, v in _SINGLE.items()}
 
 
+def diffusers_key_to_bfl(name: str) -> tuple[str, str | None]:
+    """Where the diffusers tensor `name` goes in the BFL layout: (BFL key, piece), where piece is
+    None for a one-to-one rename (the final adaLN also swaps halves) and otherwise the diffusers
+    module name of one row block of a fused BFL tensor (`attn.to_q`, ..., `proj_mlp`).
+    Raises KeyError on a key that is not a diffusers FLUX transformer key."""
+    module, suffix = _split_param(name)
+    if module == _FINAL_ADALN[1]:
+        return _join(_FINAL_ADALN[0], suffix), None
+    if module in _TOP_INV:
+        return _join(_TOP_INV[module], suffix), None
+    m = _DIFF_BLOCK.match(module)
+    if m is None:
+        raise KeyError(f"not a diffusers FLUX transformer key: {name!r}")
+    kind, idx, _ = m.groups()
+    rest = module[len(f"{kind}.{idx}.") :]
+    prefix = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
+    renames, fused = (
+        (_DOUBLE_INV, _DOUBLE_FUSED) if kind == "transformer_blocks" else (_SINGLE_INV, _SINGLE_FUSED)
+    )
+    for bfl_module, pieces in fused.items():
+        if rest in pieces:
+            return f"{prefix}.{idx}.{_join(bfl_module, suffix)}", rest
+    key = _join(rest, suffix)
+    if key in renames:
+        return f"{prefix}.{idx}.{renames[key]}", None
+    if rest in renames:
+        return f"{prefix}.{idx}.{_join(renames[rest], suffix)}", None
+    raise KeyError(f"not a diffusers FLUX transformer key: {name!r}")
+
+
+def fused_pieces(bfl_key: str) -> tuple[str, ...]:
+    """The diffusers pieces of a fused BFL key in row order, e.g. 'single_blocks.3.linear1.bias' →
+    ('attn.to_q', 'attn.to_k', 'attn.to_v', 'proj_mlp'); () for keys that are not fused."""
+    m = _BLOCK.match(_split_param(bfl_key)[0])
+    if m is None:
+        return ()
+    return (_DOUBLE_FUSED | _SINGLE_FUSED).get(m.group(3), ())
+
+
 def diffusers_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """diffusers `FluxTransformer2DModel` state dict → BFL layout (concatenates q/k/v(/mlp) in row
     order and swaps the final adaLN halves back). Exact inverse of `bfl_to_diffusers`."""
     out: dict[str, Tensor] = {}
     pending: dict[str, dict[str, Tensor]] = {}  # fused BFL key → {diffusers piece: tensor}
     for name, t in sd.items():
-        module, suffix = _split_param(name)
-        if module == _FINAL_ADALN[1]:
-            out[_join(_FINAL_ADALN[0], suffix)] = _swap_halves(t)
-            continue
-        if module in _TOP_INV:
-            out[_join(_TOP_INV[module], suffix)] = t
-            continue
-        m = _DIFF_BLOCK.match(module)
-        if m is None:
-            raise KeyError(f"not a diffusers FLUX transformer key: {name!r}")
-        kind, idx, _ = m.groups()
-        rest = module[len(f"{kind}.{idx}.") :]
-        prefix = "double_blocks" if kind == "transformer_blocks" else "single_blocks"
-        renames, fused = (
-            (_DOUBLE_INV, _DOUBLE_FUSED) if kind == "transformer_blocks" else (_SINGLE_INV, _SINGLE_FUSED)
-        )
-        for bfl_module, pieces in fused.items():
-            if rest in pieces:
-                pending.setdefault(f"{prefix}.{idx}.{_join(bfl_module, suffix)}", {})[rest] = t
-                break
+        bfl_key, piece = diffusers_key_to_bfl(name)
+        if piece is not None:
+            pending.setdefault(bfl_key, {})[piece] = t
+        elif bfl_key.startswith(_FINAL_ADALN[0] + "."):
+            out[bfl_key] = _swap_halves(t)
         else:
-            key = _join(rest, suffix)
-            if key in renames:
-                out[f"{prefix}.{idx}.{renames[key]}"] = t
-            elif rest in renames:
-                out[f"{prefix}.{idx}.{_join(renames[rest], suffix)}"] = t
-            else:
-                raise KeyError(f"not a diffusers FLUX transformer key: {name!r}")
+            out[bfl_key] = t
     for bfl_key, parts in pending.items():
-        bfl_module = _split_param(bfl_key)[0].split(".", 2)[2]
-        order = (_DOUBLE_FUSED | _SINGLE_FUSED)[bfl_module]
+        order = fused_pieces(bfl_key)
         missing = [p for p in order if p not in parts]
         if missing:
             raise KeyError(f"cannot rebuild {bfl_key!r}: diffusers pieces {missing} are missing")

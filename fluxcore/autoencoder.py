@@ -1,0 +1,363 @@
+"""The FLUX autoencoder (FLUX_SPEC §6): images [B, 3, H, W] in [−1, 1] ↔ latents [B, 16, H/8, W/8].
+
+    encode: conv_in ─ levels (ResnetBlocks, Downsample after all but the last) ─ mid (res, attn, res)
+            ─ norm ─ swish ─ conv_out → [mean ‖ logvar] ─ mean ─ scale · (mean − shift)
+    decode: z / scale + shift ─ conv_in ─ mid ─ levels in reverse (num_res_blocks + 1 ResnetBlocks,
+            Upsample after all but the last) ─ norm ─ swish ─ conv_out
+
+Parameter names are the BFL `ae.safetensors` keys (`encoder.down.0.block.0.norm1.weight`,
+`decoder.up.3.upsample.conv.weight`, `encoder.mid.attn_1.q.weight`, ...). `decoder.up[0]` is the
+highest-resolution level, as in the file. diffusers' `vae/` layout converts through
+`fluxcore.weights.vae_keys`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from fluxcore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AutoEncoderConfig:
+    """Frozen autoencoder hyper-parameters with BFL's `AutoEncoderParams` names, plus `norm_groups`
+    (GroupNorm groups, 32 in FLUX; smaller for tiny test models whose widths are below 32).
+
+    Defaults are FLUX.1's (every variant): ch 128, ch_mult (1, 2, 4, 4), 2 res blocks, 16 latent
+    channels, scale 0.3611, shift 0.1159. `resolution` is nominal and unused at run time.
+    """
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    norm_groups: int = 32
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ConfigError(
+                f"AutoEncoderConfig.ch_mult must be a non-empty list of positive ints, got {self.ch_mult}"
+            )
+        for name in ("in_channels", "ch", "out_ch", "num_res_blocks", "z_channels", "norm_groups"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"AutoEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        bad = [c for c in self.block_channels if c % self.norm_groups]
+        if bad:
+            raise ConfigError(
+                f"AutoEncoderConfig: GroupNorm with norm_groups={self.norm_groups} needs every level width to be "
+                f"divisible by it; widths are {list(self.block_channels)}"
+            )
+        if self.scale_factor == 0:
+            raise ConfigError("AutoEncoderConfig.scale_factor must be non-zero")
+
+    @property
+    def block_channels(self) -> tuple[int, ...]:
+        """Width of each resolution level, highest resolution first (diffusers' block_out_channels)."""
+        return tuple(self.ch * m for m in self.ch_mult)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side (8 for FLUX)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def replace(self, **changes) -> AutoEncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_diffusers_dict(cls, d: dict) -> AutoEncoderConfig:
+        """From a diffusers `AutoencoderKL` `vae/config.json` dict. Raises ConfigError for options the
+        FLUX autoencoder does not have (quant convs, per-level attention, other block types)."""
+        boc = [int(c) for c in d.get("block_out_channels", (64,))]
+        ch = boc[0]
+        if any(c % ch for c in boc):
+            raise ConfigError(
+                f"vae config: block_out_channels {boc} are not multiples of the first width {ch}"
+            )
+        for key in ("use_quant_conv", "use_post_quant_conv"):
+            if d.get(key, True):
+                raise ConfigError(
+                    f"vae config: {key}={d.get(key, True)} but the FLUX autoencoder has no quant convs"
+                )
+        if not d.get("mid_block_add_attention", True):
+            raise ConfigError(
+                "vae config: mid_block_add_attention=False but the FLUX autoencoder has mid attention"
+            )
+        if d.get("act_fn", "silu") != "silu":
+            raise ConfigError(f"vae config: act_fn={d.get('act_fn')!r}; the FLUX autoencoder uses 'silu'")
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            got = d.get(key, [want] * len(boc))
+            if len(got) != len(boc) or any(t != want for t in got):
+                raise ConfigError(f"vae config: {key}={got}; expected {len(boc)} × {want!r}")
+        if d.get("scaling_factor") is None or d.get("shift_factor") is None:
+            raise ConfigError(
+                "vae config: needs scaling_factor and shift_factor (FLUX: 0.3611, 0.1159); "
+                f"got {d.get('scaling_factor')} and {d.get('shift_factor')}"
+            )
+        size = d.get("sample_size", 256)  # nominal only; an int or [h, w]
+        return cls(
+            resolution=int(size[0] if isinstance(size, (list, tuple)) else size),
+            in_channels=int(d.get("in_channels", 3)),
+            ch=ch,
+            out_ch=int(d.get("out_channels", 3)),
+            ch_mult=tuple(c // ch for c in boc),
+            num_res_blocks=int(d.get("layers_per_block", 1)),
+            z_channels=int(d.get("latent_channels", 4)),
+            scale_factor=float(d["scaling_factor"]),
+            shift_factor=float(d["shift_factor"]),
+            norm_groups=int(d.get("norm_num_groups", 32)),
+        )
+
+    def to_diffusers_dict(self) -> dict:
+        """A diffusers-compatible `vae/config.json` dict (`AutoencoderKL`)."""
+        n = len(self.ch_mult)
+        return {
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": list(self.block_channels),
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_ch,
+            "latent_channels": self.z_channels,
+            "layers_per_block": self.num_res_blocks,
+            "norm_num_groups": self.norm_groups,
+            "sample_size": self.resolution,
+            "scaling_factor": self.scale_factor,
+            "shift_factor": self.shift_factor,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+            "mid_block_add_attention": True,
+            "force_upcast": True,
+        }
+
+
+AE_PRESETS: dict[str, AutoEncoderConfig] = {
+    "flux": AutoEncoderConfig(),
+    # Same structure (4 levels, 8× down, mid attention, 16 latent channels), widths 8/16/16/16.
+    "tiny": AutoEncoderConfig(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=4),
+}
+
+
+def swish(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """skip(x) + conv2(swish(norm2(conv1(swish(norm1(x)))))); skip is a 1×1 `nin_shortcut` when the
+    width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        skip = self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H·W positions (scale 1/√C), with 1×1-conv projections."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (rearrange(p(h), "b c h w -> b 1 (h w) c") for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Asymmetric zero pad (right and bottom only), then a stride-2 conv without padding.
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class _Level(nn.Module):
+    """One resolution level: `block` (ResnetBlocks), empty `attn` (FLUX has no level attention), and
+    `downsample` / `upsample` when the level changes resolution."""
+
+    def __init__(self, blocks: list[ResnetBlock], resample: nn.Module | None, name: str):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()
+        if resample is not None:
+            setattr(self, name, resample)
+
+
+class Encoder(nn.Module):
+    """[B, in_channels, H, W] → [B, 2·z_channels, H/f, W/f] (mean ‖ logvar), f = 2^(levels−1)."""
+
+    def __init__(self, config: AutoEncoderConfig):
+        super().__init__()
+        g, widths = config.norm_groups, config.block_channels
+        self.conv_in = nn.Conv2d(config.in_channels, config.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = config.ch
+        for i, width in enumerate(widths):
+            blocks = []
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResnetBlock(block_in, width, g))
+                block_in = width
+            last = i == len(widths) - 1
+            self.down.append(_Level(blocks, None if last else Downsample(width), "downsample"))
+        self.mid = _Mid(block_in, g)
+        self.norm_out = _norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, 2 * config.z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """[B, z_channels, h, w] → [B, out_ch, h·f, w·f]."""
+
+    def __init__(self, config: AutoEncoderConfig):
+        super().__init__()
+        g, widths = config.norm_groups, config.block_channels
+        block_in = widths[-1]
+        self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, g)
+        levels: list[_Level] = []
+        for i in reversed(range(len(widths))):
+            blocks = []
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, widths[i], g))
+                block_in = widths[i]
+            levels.insert(0, _Level(blocks, None if i == 0 else Upsample(block_in), "upsample"))
+        # up[0] is the highest resolution, as in the checkpoint; it runs last.
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _norm(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, config.out_ch, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.mid(self.conv_in(z))
+        # The reference casts here so that a mixed-precision decoder runs its levels in their own dtype.
+        h = h.to(self.conv_out.weight.dtype)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """The FLUX autoencoder with BFL `ae.safetensors` parameter names.
+
+    encode(images [B, in_channels, H, W] in [−1, 1]) → latents [B, z_channels, H/8, W/8]
+        = scale_factor · (mean − shift_factor)   (the distribution's mean; nothing is sampled)
+    decode(latents [B, z_channels, h, w]) → images [B, out_ch, 8h, 8w], roughly in [−1, 1] (not clamped)
+
+    H and W must be multiples of 8 (`config.downsample_factor`). Inputs are cast to the weights'
+    dtype; outputs come back in it. Load weights with `fluxcore.load_autoencoder`.
+    """
+
+    def __init__(self, config: AutoEncoderConfig | None = None):
+        super().__init__()
+        self.config = config = config or AutoEncoderConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.scale_factor = config.scale_factor
+        self.shift_factor = config.shift_factor
+
+    def _check(self, x: Tensor, channels: int, what: str, multiple: int) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what} must be [B, {channels}, H, W]; got shape {tuple(x.shape)}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(
+                f"{what} height and width must be multiples of {multiple}; got {x.shape[2]}×{x.shape[3]} "
+                f"(shape {tuple(x.shape)}). Crop or resize, e.g. to "
+                f"{x.shape[2] // multiple * multiple}×{x.shape[3] // multiple * multiple}"
+            )
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Unscaled (mean, logvar), each [B, z_channels, H/8, W/8]."""
+        self._check(x, self.config.in_channels, "images", self.config.downsample_factor)
+        moments = self.encoder(x.to(self.dtype))
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar
+
+    def encode(self, x: Tensor) -> Tensor:
+        mean, _ = self.encode_moments(x)
+        return self.scale_factor * (mean - self.shift_factor)
+
+    def decode(self, z: Tensor) -> Tensor:
+        self._check(z, self.config.z_channels, "latents", 1)
+        z = z.to(self.dtype) / self.scale_factor + self.shift_factor
+        return self.decoder(z)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_in.weight.device
