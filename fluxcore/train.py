@@ -203,7 +203,8 @@ def prepare_batch(batch: dict, model: nn.Module, guidance: float = 1.0) -> dict:
         out["img_cond"] = pack(out.pop("cond_latents"))
     img, txt = out["img"], out["txt"]
     if "txt_ids" not in out:
-        out["txt_ids"] = torch.zeros(txt.shape[0], txt.shape[1], 3, device=txt.device)  # float32, as image ids
+        # float32 like the image ids (make_img_ids); text sits at position (0, 0, 0)
+        out["txt_ids"] = torch.zeros(txt.shape[0], txt.shape[1], 3, device=txt.device)
     if getattr(model, "config", None) is not None and model.config.guidance_embed and "guidance" not in out:
         out["guidance"] = torch.full((img.shape[0],), float(guidance), device=img.device, dtype=img.dtype)
     return out
