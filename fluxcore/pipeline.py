@@ -87,6 +87,9 @@ def _to_rgb_tensor(image, width: int, height: int, what: str) -> Tensor:
             raise ConfigError(
                 f"{what} tensor is {x.shape[-1]}x{x.shape[-2]} (WxH); expected {width}x{height}"
             )
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+            raise ConfigError(f"{what} tensor values must lie in [-1, 1]; found [{lo:.4g}, {hi:.4g}]")
         return x.float()
     import numpy as np
     from PIL import Image
@@ -110,6 +113,11 @@ def _to_mask_tensor(mask, width: int, height: int) -> Tensor:
         if tuple(m.shape[-2:]) != (height, width):
             raise ConfigError(
                 f"mask_image tensor is {m.shape[-1]}x{m.shape[-2]} (WxH); expected {width}x{height}"
+            )
+        lo, hi = m.min().item(), m.max().item()
+        if lo < 0 or hi > 1:
+            raise ConfigError(
+                f"mask_image tensor values must lie in [0, 1] (1 = generate); found [{lo:.4g}, {hi:.4g}]"
             )
         return m.float()
     import numpy as np
@@ -199,7 +207,9 @@ class FluxPipeline:
             raise WeightsError(f"model folder {root} is missing: " + "; ".join(missing))
         dtype = torch_dtype or _default_dtype(device)
         transformer = load_flux(root, device=device, dtype=dtype)
-        ae = load_autoencoder(root, device=device, dtype=dtype)
+        # The reference keeps the autoencoder's weights in fp32 (ae.safetensors is fp32) and runs it
+        # under bf16 autocast on the GPU (see `_ae_autocast`).
+        ae = load_autoencoder(root, device=device, dtype=torch.float32)
         t5 = load_t5(root, device=device, dtype=dtype)
         clip = load_clip(root, device=device, dtype=dtype)
         t5_tok = load_t5_tokenizer(root)
@@ -296,9 +306,17 @@ class FluxPipeline:
                 device=self.device,
             )
 
+    def _ae_autocast(self):
+        """bf16 autocast around the fp32 autoencoder on CUDA, as the reference encodes and decodes."""
+        device = torch.device(self.device)
+        enabled = device.type == "cuda" and self.transformer.dtype == torch.bfloat16
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
     def _encode_image(self, x: Tensor) -> Tensor:
-        with self._stage(self.ae), torch.no_grad():
-            return self.ae.encode(x.to(self.device))
+        """Images [B, 3, H, W] in [-1, 1] → scaled latents in the transformer's dtype (the
+        reference casts encoded conditions to bf16)."""
+        with self._stage(self.ae), torch.no_grad(), self._ae_autocast():
+            return self.ae.encode(x.to(self.device)).to(self.transformer.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -478,7 +496,7 @@ class FluxPipeline:
         info = {"height": height, "width": width, "num_inference_steps": steps, "timesteps": timesteps}
         if output_type == "latent":
             return FluxPipelineOutput(images=x, seeds=seeds, info=info)
-        with self._stage(self.ae):
+        with self._stage(self.ae), self._ae_autocast():
             decoded = self.ae.decode(unpack(x.float(), height, width)).float().clamp(-1, 1)
         if output_type == "pil":
             images = to_pil(decoded)

@@ -211,13 +211,21 @@ def prepare_batch(batch: dict, model: nn.Module, guidance: float = 1.0) -> dict:
 
 
 def _forever(batches: Iterable) -> Iterator:
+    passes = 0
     while True:
-        empty = True
+        n = 0
         for batch in batches:
-            empty = False
+            n += 1
             yield batch
-        if empty:
-            raise ConfigError("the training data yielded no batches")
+        if n == 0:
+            if passes == 0:
+                raise ConfigError("the training data yielded no batches")
+            # A generator or iterator runs dry after one pass; say so instead of "no batches".
+            raise ConfigError(
+                f"the training data was exhausted after one pass and cannot be re-iterated "
+                f"({type(batches).__name__}); pass a list, a DataLoader, or anything iterable more than once"
+            )
+        passes += 1
 
 
 def train(

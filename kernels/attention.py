@@ -141,7 +141,8 @@ _CONFIGS = {
 def _tuned_kernel(arch: str, head_dim: int):
     """The kernel autotuned over the candidates for one GPU family and head dim (≤ 64 share a list)."""
     configs = _CONFIGS[arch][max(64, head_dim)] + [_FALLBACK]
-    return triton.autotune(configs=configs, key=["HEAD_DIM"])(_flash_attention_kernel)
+    # L in the key: the best tile differs between 1.5k and 17k tokens; one tuning per resolution.
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "L"])(_flash_attention_kernel)
 
 
 def _arch(device: torch.device) -> str:

@@ -352,3 +352,17 @@ def test_nan_stops_and_names_the_step(folders):
         pipe.transformer.final_layer.linear.bias.fill_(float("nan"))
     with pytest.raises(FluxcoreError, match=r"NaN or infinite at sampling step 1 of 4 \(t = 1.0000\)"):
         pipe("a cat", height=32, width=32, generator=0, **KW)
+
+
+def test_out_of_range_image_and_mask_tensors_are_refused():
+    """0-255 tensors would silently give a wrong fill (image·(1 − mask) with mask 255)."""
+    from fluxcore.pipeline import _to_mask_tensor, _to_rgb_tensor
+
+    with pytest.raises(
+        ConfigError, match=r"mask_image tensor values must lie in \[0, 1\] .*found \[0, 255\]"
+    ):
+        _to_mask_tensor(torch.full((32, 32), 255.0).index_fill_(0, torch.tensor([0]), 0), 32, 32)
+    with pytest.raises(ConfigError, match=r"image tensor values must lie in \[-1, 1\]"):
+        _to_rgb_tensor(torch.full((3, 32, 32), 128.0), 32, 32, "image")
+    assert _to_mask_tensor(torch.ones(32, 32), 32, 32).shape == (1, 1, 32, 32)
+    assert _to_rgb_tensor(torch.zeros(3, 32, 32), 32, 32, "image").shape == (1, 3, 32, 32)

@@ -216,3 +216,12 @@ def test_checkpoint_loads_with_the_usual_loader(tmp_path):
     sd = loaded.state_dict()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(sd[k], v, rtol=0, atol=0)
+
+
+def test_one_pass_generator_shorter_than_the_run_says_so():
+    model = tiny_flux()
+    batch = prepare_batch(fixed_batch(model, b=2), model)
+    with pytest.raises(ConfigError, match="exhausted after one pass .*generator"):
+        train(model, (batch for _ in range(2)), TrainConfig(steps=3, lr=1e-3, seed=0))
+    with pytest.raises(ConfigError, match="yielded no batches"):
+        train(model, [], TrainConfig(steps=1, lr=1e-3, seed=0))

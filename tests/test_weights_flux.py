@@ -19,6 +19,7 @@ from fluxcore.weights import (
     ShapeMismatchError,
     UnknownVariantError,
     bfl_to_diffusers,
+    diffusers_to_bfl,
     inspect_flux,
     open_checkpoint,
     write_safetensors,
@@ -315,3 +316,18 @@ def test_load_to_cuda(tmp_path):
     save_flux(model, tmp_path / "a.safetensors")
     loaded = load_flux(tmp_path / "a.safetensors", device="cuda")
     assert loaded.device.type == "cuda" and same_state(loaded.cpu(), model)
+
+
+def test_diffusers_pieces_of_mixed_float8_and_bf16(tmp_path):
+    """A quantiser that left to_v in bf16 beside float8 q/k: the fused qkv still loads, and every
+    piece keeps its own rounding."""
+    model = Flux(PRESETS["tiny-dev"]).to(torch.bfloat16)
+    sd = bfl_to_diffusers(model.state_dict())
+    sd = {k: (v.to(torch.float8_e4m3fn) if v.ndim == 2 and "to_v" not in k else v) for k, v in sd.items()}
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    write_safetensors(folder / "diffusion_pytorch_model.safetensors", sd)
+    loaded = load_flux(folder, dtype=torch.bfloat16)
+    want = diffusers_to_bfl({k: v.to(torch.bfloat16) for k, v in sd.items()})
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, want[key]), key

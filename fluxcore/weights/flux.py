@@ -13,6 +13,7 @@ Accepted sources (FLUX_SPEC §7):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -545,7 +546,14 @@ def _stream_diffusers(fc: FluxCheckpoint, reader: _Reader) -> Iterator[tuple[str
         # Renames (and the final adaLN, whose halves are swapped into a new tensor); pieces that
         # did not line up get fresh memory each, and the key map reports them.
         read = reader.read if len(members) == 1 else ck.read
-        ((key, t),) = diffusers_to_bfl({k[n:]: read(k) for k in members}).items()
+        parts = {k[n:]: read(k) for k in members}
+        if len({t.dtype for t in parts.values()}) > 1:
+            # e.g. a quantiser left to_v in bf16 beside float8 to_q/to_k: torch.cat cannot promote
+            # float8, so bring every piece to the widest non-float8 dtype first (load_into casts on).
+            wide = [t.dtype for t in parts.values() if t.dtype not in FLOAT8_DTYPES] or [torch.bfloat16]
+            target = functools.reduce(torch.promote_types, wide)
+            parts = {k: t.to(target) for k, t in parts.items()}
+        ((key, t),) = diffusers_to_bfl(parts).items()
         yield key, t
 
 
