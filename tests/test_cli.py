@@ -22,8 +22,9 @@ def model(tmp_path_factory):
 
 def test_generate_writes_png_with_settings(model, tmp_path, capsys):
     out = tmp_path / "sub" / "img.png"
-    rc = cli.main(
-        [
+
+    def argv(path):
+        return [
             "generate",
             "a cat on mars",
             "--model",
@@ -41,11 +42,12 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
             "--sampler",
             "heun",
             "--out",
-            str(out),
+            str(path),
             "--max-sequence-length",
             "16",
         ]
-    )
+
+    rc = cli.main(argv(out))
     assert rc == 0 and f"wrote {out}" in capsys.readouterr().out
     img = Image.open(out)
     assert img.format == "PNG" and img.size == (48, 32)
@@ -65,30 +67,7 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
     assert json.loads(text["parameters"])["seed"] == 9
     # same settings → the same pixels
     out2 = tmp_path / "again.png"
-    cli.main(
-        [
-            "generate",
-            "a cat on mars",
-            "--model",
-            str(model),
-            "--steps",
-            "2",
-            "--guidance",
-            "4",
-            "--seed",
-            "9",
-            "--width",
-            "48",
-            "--height",
-            "32",
-            "--sampler",
-            "heun",
-            "--out",
-            str(out2),
-            "--max-sequence-length",
-            "16",
-        ]
-    )
+    cli.main(argv(out2))
     assert Image.open(out2).tobytes() == img.tobytes()
 
 
