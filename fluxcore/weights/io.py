@@ -79,6 +79,31 @@ class UnknownVariantError(WeightsError):
 # --- headers ------------------------------------------------------------------------------------
 
 
+def read_json(path, *, missing_ok: bool = False) -> dict:
+    """A JSON object from `path` (config.json, model_index.json, an index, tokenizer_config.json).
+
+    A missing file is CheckpointNotFoundError, or {} with missing_ok; unreadable text, invalid JSON
+    or a top-level value that is not an object is a WeightsError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise CheckpointNotFoundError(f"no such file: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def default_dtype(device=None) -> torch.dtype:
+    """The dtype loaders use when none is given: bfloat16 on CUDA (FLUX activations overflow
+    float16), float32 elsewhere (CPU bfloat16 matmuls are slow and rarely what a test wants)."""
+    return torch.bfloat16 if torch.device(device if device is not None else "cpu").type == "cuda" else torch.float32
+
+
 def _sniff(head: bytes) -> str:
     """A hint for files that are obviously some other format."""
     if head.startswith(b"PK"):
