@@ -25,10 +25,11 @@ class Flux(nn.Module):
     """The FLUX.1 transformer. Build full-size models under `torch.device("meta")` and load weights
     with `fluxcore.load_flux`; or construct directly for random initialisation.
 
-    To try another block, subclass and override `double_block` / `single_block` (called as
-    `double_block(hidden_size, num_heads, mlp_ratio, qkv_bias)` and
-    `single_block(hidden_size, num_heads, mlp_ratio)`), or replace entries of
-    `double_blocks` / `single_blocks` / `pe_embedder` on a built model (docs/swapping.md).
+    To try another block, subclass and override `double_block` / `single_block` (each called with
+    the config, so a replacement can read new hyper-parameters from a config subclass), or replace
+    entries of `double_blocks` / `single_blocks` / `pe_embedder` (or any smaller module) on a built
+    model (docs/swapping.md). Speed, memory and adapters are transforms on the built model
+    (docs/transforms.md); `forward` never changes.
     """
 
     double_block = DoubleStreamBlock
@@ -41,7 +42,7 @@ class Flux(nn.Module):
         self.out_channels = config.out_channels
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_heads
-        self.pe_embedder = EmbedND(dim=config.head_dim, theta=config.theta, axes_dim=config.axes_dim)
+        self.pe_embedder = EmbedND(theta=config.theta, axes_dim=config.axes_dim)
         self.img_in = nn.Linear(config.in_channels, config.hidden_size, bias=True)
         self.time_in = MLPEmbedder(in_dim=256, hidden_dim=config.hidden_size)
         self.vector_in = MLPEmbedder(config.vec_in_dim, config.hidden_size)
@@ -49,15 +50,9 @@ class Flux(nn.Module):
             MLPEmbedder(in_dim=256, hidden_dim=config.hidden_size) if config.guidance_embed else nn.Identity()
         )
         self.txt_in = nn.Linear(config.context_in_dim, config.hidden_size)
-        self.double_blocks = nn.ModuleList(
-            self.double_block(config.hidden_size, config.num_heads, config.mlp_ratio, config.qkv_bias)
-            for _ in range(config.depth)
-        )
-        self.single_blocks = nn.ModuleList(
-            self.single_block(config.hidden_size, config.num_heads, config.mlp_ratio)
-            for _ in range(config.depth_single_blocks)
-        )
-        self.final_layer = LastLayer(config.hidden_size, 1, config.out_channels)
+        self.double_blocks = nn.ModuleList(self.double_block(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(self.single_block(config) for _ in range(config.depth_single_blocks))
+        self.final_layer = LastLayer(config)
 
     def forward(
         self,

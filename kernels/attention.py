@@ -2,7 +2,6 @@
 softmax in float32, writing the [B, L, H·D] layout the output projection reads.
 
     flash_attention(q, k, v) -> [B, L, H·D]        q, k already rotated by RoPE
-    flash_attention_rope(q, k, v, pe) -> [B, L, H·D]  RoPE first (one fused pass), then the above
 
 q, k, v: [B, H, L, D] with any strides (the channel dim must be contiguous, else it is copied);
 bfloat16, float16 or float32; D a power of two in [16, 256]; any L (the last key block is masked).
@@ -20,7 +19,6 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ._common import INTERPRET, check_inputs, device_unsupported_reason, empty
-from .rope import qk_norm_rope
 
 LOG2E = 1.4426950408889634
 
@@ -201,16 +199,6 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)
         wrap_triton(kernel)[grid](*args, HEAD_DIM=D, UPCAST=False, PRECISION=precision)
     return out
-
-
-def flash_attention_rope(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """RoPE (adjacent pairs, float32) on q and k, then flash attention.
-
-    q, k, v [B, H, L, D] before RoPE; pe [B, 1, L, D/2, 2, 2] float32 rotation matrices.
-    Returns [B, L, H·D] in q's dtype: the contract of fluxcore's attention backends.
-    """
-    q, k = qk_norm_rope(q, k, pe)
-    return flash_attention(q, k, v)
 
 
 def flash_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
