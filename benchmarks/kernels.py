@@ -1,10 +1,10 @@
 """Benchmark fluxcore.kernels at FLUX shapes against every available provider.
 
-Attention (B=1, H=24, D=128, L in 1024+512, 4096+512, 16384+512 by default): triton (q, k already
-rotated), triton+rope (the attention backend's full entry point), SDPA flash / cuDNN / efficient,
-and eager (float32 scores). Reports median ms, TFLOP/s (4·B·H·L²·D per call) and the speed ratio to
-the best SDPA kernel. SDPA is timed alone, [B, H, L, D] out: the layout change and RoPE that the
-model also needs are not charged to it.
+Attention (B=1, H=24, D=128, L in 1024+512, 4096+512, 16384+512 by default): triton, SDPA flash /
+cuDNN / efficient, and eager (float32 scores), all on q, k already rotated (RoPE belongs to the
+blocks' QK-norm step). Reports median ms, TFLOP/s (4·B·H·L²·D per call) and the speed ratio to the
+best SDPA kernel. SDPA is timed alone, [B, H, L, D] out: the layout change to [B, L, H·D] that the
+model also needs is not charged to it.
 
 Fused norm/modulation kernels (B=1, L=4608, C=3072, MLP 12288): triton, eager (the PyTorch
 reference) and torch.compile of the reference. Reports median ms, effective GB/s (bytes each op
@@ -26,7 +26,7 @@ import os
 import torch
 from common import DTYPES, environment, print_table, short_error, time_ms, write_json
 
-ATTENTION_PROVIDERS = ["triton", "triton+rope", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "eager"]
+ATTENTION_PROVIDERS = ["triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "eager"]
 NORM_PROVIDERS = ["triton", "eager", "compile"]
 
 
@@ -62,8 +62,8 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def attention_providers(q, k, v, pe) -> dict:
-    """name -> zero-argument callable, for q, k, v [B, H, L, D] and pe."""
+def attention_providers(q, k, v) -> dict:
+    """name -> zero-argument callable, for q, k, v [B, H, L, D] (q, k already rotated)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -78,7 +78,6 @@ def attention_providers(q, k, v, pe) -> dict:
 
     return {
         "triton": lambda: K.flash_attention(q, k, v),
-        "triton+rope": lambda: K.flash_attention_rope(q, k, v, pe),
         "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
@@ -89,25 +88,20 @@ def attention_providers(q, k, v, pe) -> dict:
 def bench_attention(args, device, dtype) -> list[dict]:
     from einops import rearrange
 
-    from fluxcore.math import embed_positions
-
     rows = []
     B, H, D = args.batch, args.heads, args.head_dim
-    axes = (D // 8, (D - D // 8) // 2, D - D // 8 - (D - D // 8) // 2)  # 16, 56, 56 for D = 128
     for L in args.lengths:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g) for _ in range(3))
-        ids = torch.stack([torch.zeros(L), torch.arange(L) // 64, torch.arange(L) % 64], -1).float()
-        pe = embed_positions(ids[None].expand(B, -1, -1).to(device), axes, 10_000)
         flops = 4 * B * H * L * L * D
-        fns = attention_providers(q, k, v, pe)
+        fns = attention_providers(q, k, v)
         reference, these = None, []
         for name in [p for p in ATTENTION_PROVIDERS if p in args.providers]:
             ms, error = run(fns[name], device, args)
             row = dict(op="attention", shape=f"{B}x{H}x{L}x{D}", provider=name, ms=ms, error=error)
             if ms is not None:
                 row["tflops"] = flops / (ms * 1e-3) / 1e12
-            if ms is not None and name != "triton+rope":  # the only provider that also applies RoPE
+            if ms is not None:
                 out = fns[name]()
                 if name.startswith("sdpa"):
                     out = rearrange(out, "b h l d -> b l (h d)")

@@ -34,7 +34,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--backends", nargs="+", default=["sdpa", "triton", "eager"])
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["sdpa", "triton", "triton+kernels", "eager"],
+        help="attention backends; NAME+kernels also applies fluxcore.kernels.apply (fused norms) for that row",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="floor denominator (default: measured)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -108,8 +113,13 @@ def main() -> None:
     rows, first = [], None
     for name in args.backends:
         row = dict(backend=name, ms=None, error=None)
+        backend, _, extra = name.partition("+")
         try:
-            with torch.no_grad(), attention_backend(name):
+            if extra == "kernels":
+                from fluxcore import kernels
+
+                kernels.apply(model)
+            with torch.no_grad(), attention_backend(backend):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 ms = time_ms(lambda: model(*inputs), device, args.warmup, args.iters)
@@ -123,6 +133,10 @@ def main() -> None:
             row["rel_diff_vs_first"] = ((out - first).norm() / first.norm()).item()
         except Exception as e:  # a backend may be unavailable here: record and go on
             row["error"] = short_error(e)
+        if extra == "kernels":
+            from fluxcore import kernels
+
+            kernels.remove(model)
         rows.append(row)
 
     print()

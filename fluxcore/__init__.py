@@ -17,10 +17,10 @@ from fluxcore.errors import BackendError, ConfigError, FluxcoreError, WeightsErr
 from fluxcore.math import apply_rope, modulate, rope, timestep_embedding
 from fluxcore.model import Flux
 
-# --- weights (issue 3) ---
+# --- weights ---
 from fluxcore.weights import bfl_to_diffusers, diffusers_to_bfl, info, load_flux, save_flux
 
-# --- text encoders, tokenizers, autoencoder (issue 4) ---
+# --- text encoders, tokenizers, autoencoder ---
 # isort: split
 from fluxcore.autoencoder import AE_PRESETS, AutoEncoder, AutoEncoderConfig
 from fluxcore.text import (
@@ -46,7 +46,7 @@ from fluxcore.weights.encoders import (
     save_t5,
 )
 
-# --- latents, sampling, pipeline (issue 5) ---
+# --- latents, sampling, pipeline ---
 # isort: split
 from fluxcore.conditioning import ReduxProjector, load_redux
 from fluxcore.latents import get_noise, make_img_ids, make_txt_ids, pack, unpack
@@ -64,7 +64,7 @@ from fluxcore.sampling import (
     time_shift,
 )
 
-# --- training (issue 7) ---
+# --- training ---
 # isort: split
 # The loop itself is `fluxcore.train.train` (the module keeps the name `fluxcore.train`).
 from fluxcore import toydata, train

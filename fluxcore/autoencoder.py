@@ -1,4 +1,4 @@
-"""The FLUX autoencoder (FLUX_SPEC §6): images [B, 3, H, W] in [−1, 1] ↔ latents [B, 16, H/8, W/8].
+"""The FLUX autoencoder: images [B, 3, H, W] in [−1, 1] ↔ latents [B, 16, H/8, W/8].
 
     encode: conv_in ─ levels (ResnetBlocks, Downsample after all but the last) ─ mid (res, attn, res)
             ─ norm ─ swish ─ conv_out → [mean ‖ logvar] ─ mean ─ scale · (mean − shift)

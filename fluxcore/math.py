@@ -76,15 +76,6 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     return (xf * rrms).to(x_dtype) * scale
 
 
-def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm over the last dim with no affine parameters."""
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
-
-
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: (1 + scale) · x + shift; shift/scale broadcast over the sequence ([B, 1, D])."""
     return (1 + scale) * x + shift
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    return torch.nn.functional.gelu(x, approximate="tanh")

@@ -9,7 +9,7 @@ from fluxcore.attention import _REGISTRY
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # Pages whose examples need no weights on disk (pipeline.md and weights.md point at real model folders).
-RUNNABLE = ["swapping.md", "text_and_autoencoder.md", "kernels.md", "samplers.md"]
+RUNNABLE = ["swapping.md", "transforms.md", "text_and_autoencoder.md", "kernels.md", "samplers.md"]
 
 
 def python_blocks(path: Path) -> list[str]:

@@ -1,5 +1,5 @@
 """Prompt encoding for FLUX: prompts → (txt, txt_ids, vec), the transformer's text inputs
-(FLUX_SPEC §4.2, §5): T5's last hidden state per token, zero position ids for the text tokens, and
+: T5's last hidden state per token, zero position ids for the text tokens, and
 CLIP's pooled vector."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """T5 and CLIP tokenizers as FLUX calls them: a prompt batch → int64 ids [B, max_length].
 
 Both pad to `max_length` and truncate longer prompts, exactly as transformers' T5TokenizerFast /
-CLIPTokenizer do with `padding="max_length", truncation=True` (FLUX_SPEC §5.3):
+CLIPTokenizer do with `padding="max_length", truncation=True`:
 
     T5:   pieces[: max_length − 1] + [</s>] + [<pad>] * ...            (tokenizer_2/)
     CLIP: [<|startoftext|>] + pieces[: max_length − 2] + [<|endoftext|>] + [pad] * ...   (tokenizer/)
@@ -42,16 +42,6 @@ def _as_list(prompts: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def _token_str(value, default: str) -> str:
     """A special token as tokenizer configs store it: a string or {"content": str, ...}."""
     if isinstance(value, dict):
@@ -61,7 +51,10 @@ def _token_str(value, default: str) -> str:
 
 def _special_tokens(folder: Path) -> dict:
     """Merged special-token settings of a Hugging Face tokenizer folder (tokenizer_config.json wins)."""
-    return _read_json(folder / "special_tokens_map.json") | _read_json(folder / "tokenizer_config.json")
+    from fluxcore.weights.io import read_json  # weights imports this package: import at call time
+
+    files = ("special_tokens_map.json", "tokenizer_config.json")
+    return read_json(folder / files[0], missing_ok=True) | read_json(folder / files[1], missing_ok=True)
 
 
 def _model_max_length(config: dict, default: int) -> int:
