@@ -1,7 +1,6 @@
-"""The FLUX.1 conditioning modes, as the reference builds them, on latents.
+"""The FLUX.1 conditioning modes, as the reference builds them.
 
-The autoencoder work (image → latent) is the caller's; these functions turn latents, masks and
-image embeddings into the extra model inputs that `FlowDenoiser` takes:
+Each mode turns its inputs into the extra model inputs that `FlowDenoiser` takes:
 
     img2img      start from t·noise + (1 − t)·x_init at t = schedule[int((1 − strength)·N)]
     Kontext      reference-image tokens appended to the sequence, ids (1, row, col)  → img_cond_seq(_ids)
@@ -9,19 +8,54 @@ image embeddings into the extra model inputs that `FlowDenoiser` takes:
     Canny/Depth  control-image latent on channels (64)                                → img_cond
     Redux        SigLIP image embeddings projected to T5 width, appended to the text  → txt
 
+Two layers: formulas on latents (`img2img_start`, `kontext_tokens`, `fill_condition`,
+`control_condition`, `append_redux`), and one function per mode on user inputs (`img2img_inputs`,
+`kontext_inputs`, `fill_inputs`, `control_inputs`, `redux_inputs`) that converts the images
+(`fluxcore.images`) and calls `encode`, the caller's autoencoder: images [B, 3, H, W] in [−1, 1]
+→ scaled latents [B, 16, H/8, W/8]. Which mode applies is decided by the model
+(`FluxConfig.conditioning`, and the Kontext flag of the pipeline).
+
 Shapes: latents [B, 16, h, w] (h = H/8); packed tokens [B, (h/2)(w/2), C].
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from fluxcore.errors import ConfigError, WeightsError
+from fluxcore.images import image_size, to_mask_tensor, to_rgb_tensor
 from fluxcore.latents import make_img_ids, pack
+
+Encode = Callable[[Tensor], Tensor]  # images [B, 3, H, W] in [−1, 1] → latents [B, 16, H/8, W/8]
+
+
+def check_inputs(mode: str, in_channels: int, image, strength, mask_image, control_image) -> None:
+    """ConfigError unless the image inputs fit the mode ("text", "kontext", "fill", "control"):
+    Fill needs image + mask_image, Canny/Depth control_image (and no image), strength goes with
+    img2img (a text-mode model given an image). in_channels is named in the messages."""
+    if mode == "fill" and (image is None or mask_image is None):
+        raise ConfigError(
+            f"this is a Fill model ({in_channels} input channels): pass image= and mask_image= (white = generate)"
+        )
+    if mode != "fill" and mask_image is not None:
+        raise ConfigError(f"mask_image is for Fill models; this model's mode is {mode!r}")
+    if mode == "control" and control_image is None:
+        raise ConfigError(
+            f"this is a Canny/Depth model ({in_channels} input channels): pass control_image= (the edge or depth map)"
+        )
+    if mode != "control" and control_image is not None:
+        raise ConfigError(f"control_image is for Canny/Depth models; this model's mode is {mode!r}")
+    if mode == "control" and image is not None:
+        raise ConfigError("Canny/Depth models take control_image=, not image=")
+    if strength is not None and (image is None or mode != "text"):
+        raise ConfigError(f"strength is for img2img: pass image= with it (this model's mode is {mode!r})")
+    if strength is not None and not 0 < strength <= 1:
+        raise ConfigError(f"strength must be in (0, 1], got {strength}")
+
 
 # (width, height) pairs Kontext was trained at (~1 megapixel, aspect 0.43 … 2.33), from the reference.
 KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
@@ -53,6 +87,12 @@ def img2img_start(
     return x, timesteps[t_idx:]
 
 
+def img2img_inputs(encode: Encode, image, width: int, height: int) -> Tensor:
+    """img2img's init latents: the image (PIL or tensor, resized to width x height) encoded and
+    packed → [B, (H/16)(W/16), 64]; `img2img_start` then mixes them with the noise."""
+    return pack(encode(to_rgb_tensor(image, width, height, "image")))
+
+
 # --- Kontext ---------------------------------------------------------------------------------
 
 
@@ -74,6 +114,21 @@ def kontext_tokens(ref_latent: Tensor) -> tuple[Tensor, Tensor]:
     b, _, h, w = ref_latent.shape
     ids = make_img_ids(b, 8 * h, 8 * w, index=1, device=ref_latent.device)
     return pack(ref_latent), ids
+
+
+def kontext_size(image, auto_resize: bool = True) -> tuple[int, int]:
+    """(width, height) the Kontext reference image is encoded at: the closest KONTEXT_RESOLUTIONS
+    entry with `auto_resize` (the reference's behaviour), else its own size rounded down to 16."""
+    w, h = image_size(image)
+    return kontext_resolution(w, h) if auto_resize else (16 * (w // 16), 16 * (h // 16))
+
+
+def kontext_inputs(encode: Encode, image, auto_resize: bool = True) -> dict[str, Tensor]:
+    """Kontext: {"img_cond_seq": [B, L_ref, 64], "img_cond_seq_ids": [B, L_ref, 3] float32} from the
+    reference image (PIL or tensor) encoded at `kontext_size(image, auto_resize)`."""
+    ref_w, ref_h = kontext_size(image, auto_resize)
+    seq, ids = kontext_tokens(encode(to_rgb_tensor(image, ref_w, ref_h, "image")))
+    return {"img_cond_seq": seq, "img_cond_seq_ids": ids}
 
 
 # --- Fill ------------------------------------------------------------------------------------
@@ -105,6 +160,15 @@ def fill_condition(masked_latent: Tensor, mask: Tensor) -> Tensor:
     return torch.cat((pack(masked_latent), pack(mask)), dim=-1)
 
 
+def fill_inputs(encode: Encode, image, mask_image, width: int, height: int) -> dict[str, Tensor]:
+    """Fill: {"img_cond": [B, L, 320]} from the image and its mask (PIL or tensors, at width x height;
+    white / 1 = generate): encode(image·(1 − mask)) ‖ the mask folded by `fill_condition`."""
+    img = to_rgb_tensor(image, width, height, "image")
+    mask = to_mask_tensor(mask_image, width, height)
+    lat = encode(fill_masked_image(img, mask))
+    return {"img_cond": fill_condition(lat, mask.to(lat.device))}
+
+
 # --- Canny / Depth ---------------------------------------------------------------------------
 
 
@@ -114,6 +178,13 @@ def control_condition(control_latent: Tensor) -> Tensor:
     The control image (an edge map or depth map, 3 channels in [−1, 1], at the output size) is
     the user's; the edge and depth estimators are out of scope."""
     return pack(control_latent)
+
+
+def control_inputs(encode: Encode, control_image, width: int, height: int) -> dict[str, Tensor]:
+    """Canny/Depth: {"img_cond": [B, L, 64]} from the control image (PIL or tensor, at width x height)."""
+    return {
+        "img_cond": control_condition(encode(to_rgb_tensor(control_image, width, height, "control_image")))
+    }
 
 
 # --- Redux -----------------------------------------------------------------------------------
@@ -139,25 +210,31 @@ class ReduxProjector(nn.Module):
 
 def load_redux(path, *, device=None, dtype: torch.dtype | None = None) -> ReduxProjector:
     """A ReduxProjector from flux1-redux-dev.safetensors (or any file with exactly the keys
-    redux_up.{weight,bias}, redux_down.{weight,bias}); sizes are read from the shapes."""
-    from safetensors.torch import load_file
+    redux_up.{weight,bias}, redux_down.{weight,bias}); sizes are read from the shapes.
+    dtype: default the file's own (float8 is upcast to bfloat16)."""
+    from fluxcore.weights.io import ShapeMismatchError, load_into, open_checkpoint
 
     try:
-        sd = load_file(str(path))
-    except Exception as e:  # a missing or corrupt file
-        raise WeightsError(f"cannot read Redux weights {path}: {e}") from e
-    expected = {"redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"}
-    if set(sd) != expected:
-        raise WeightsError(
-            f"{path}: expected exactly the keys {sorted(expected)}; "
-            f"missing {sorted(expected - set(sd))}, unexpected {sorted(set(sd) - expected)[:5]}"
-        )
-    hidden, siglip_dim = sd["redux_up.weight"].shape
-    txt_dim = sd["redux_down.weight"].shape[0]
-    with torch.device("meta"):
-        proj = ReduxProjector(siglip_dim, txt_dim, hidden)
-    proj.load_state_dict(sd, strict=True, assign=True)
-    return proj.to(device=device, dtype=dtype)
+        ckpt = open_checkpoint(path)
+    except WeightsError as e:  # keep the kind (missing, corrupt, ...) and say what was being read
+        raise type(e)(f"cannot read Redux weights: {e}") from None
+    with ckpt:
+        expected = {"redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias"}
+        keys = set(ckpt.keys())
+        if keys != expected:
+            raise WeightsError(
+                f"{ckpt.source}: expected exactly the keys {sorted(expected)}; "
+                f"missing {sorted(expected - keys)}, unexpected {sorted(keys - expected)[:5]}"
+            )
+        up, down = ckpt.shape("redux_up.weight"), ckpt.shape("redux_down.weight")
+        if len(up) != 2 or len(down) != 2:
+            raise ShapeMismatchError(
+                f"{ckpt.source}: redux_up.weight {list(up)} and redux_down.weight {list(down)} must be 2-D"
+            )
+        (hidden, siglip_dim), txt_dim = up, down[0]
+        with torch.device("meta"):
+            proj = ReduxProjector(siglip_dim, txt_dim, hidden)
+        return load_into(proj, ckpt.stream(), source=ckpt.source, device=device, dtype=dtype, copy=False)
 
 
 def append_redux(txt: Tensor, txt_ids: Tensor, redux_tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -168,3 +245,12 @@ def append_redux(txt: Tensor, txt_ids: Tensor, redux_tokens: Tensor) -> tuple[Te
     txt = torch.cat((txt, redux_tokens.to(txt)), dim=1)
     zeros = txt_ids.new_zeros(b, redux_tokens.shape[1], txt_ids.shape[-1])
     return txt, torch.cat((txt_ids, zeros), dim=1)
+
+
+def redux_inputs(projector: nn.Module, image_embeds: Tensor, device=None) -> Tensor:
+    """Redux tokens [B or 1, N, txt_dim] from SigLIP embeddings [N, siglip_dim] or
+    [B, N, siglip_dim], computed in the projector's dtype on `device`; `append_redux` adds them
+    to the text."""
+    emb = image_embeds[None] if image_embeds.ndim == 2 else image_embeds
+    dtype = next(projector.parameters()).dtype
+    return projector(emb.to(device=device, dtype=dtype))

@@ -11,13 +11,22 @@ from dataclasses import dataclass
 
 from fluxcore.errors import ConfigError
 
+# A packed token is a 2x2 patch of latent pixels, and a latent pixel covers 8x8 image pixels, so a
+# token covers 16x16 image pixels. Fill models see the inpainting mask at full resolution: one
+# channel per pixel under the token.
+PATCH_SIZE = 2
+AE_DOWNSAMPLE = 8
+FILL_MASK_CHANNELS = (PATCH_SIZE * AE_DOWNSAMPLE) ** 2  # 256
+
 
 @dataclass(frozen=True)
 class FluxConfig:
     """Flat and frozen; defaults are FLUX.1-dev. Derive variants with `dataclasses.replace`.
 
-    in_channels:  packed input channels (64 = 16 latent ch x 2x2; 128 control; 384 fill).
-    out_channels: packed output channels (the velocity), 64 for every official variant.
+    in_channels:  packed input channels: the noisy latents (out_channels) plus any condition
+                  concatenated on channels; `conditioning` names the mode this implies.
+    out_channels: packed output channels (the velocity): 16 latent ch x 2x2 = 64 for every
+                  official variant.
     vec_in_dim:   pooled text vector width (CLIP-L: 768).
     context_in_dim: text token width (T5-XXL: 4096).
     hidden_size, num_heads: width and heads; head dim = hidden_size / num_heads = sum(axes_dim).
@@ -68,6 +77,29 @@ class FluxConfig:
     @property
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def conditioning(self) -> str:
+        """The conditioning mode the channel counts imply, with C = out_channels:
+
+        "text"     in = C:           the noisy latents alone (text-to-image, img2img, Redux, Kontext)
+        "control"  in = 2·C:         ‖ the encoded control image (Canny, Depth)
+        "fill"     in = 2·C + 256:   ‖ the encoded masked image ‖ the mask, one channel per pixel of
+                                     the 16x16 pixels under a token (FILL_MASK_CHANNELS)
+
+        For FLUX (C = 64) that is 64, 128 and 384. Kontext has text's shapes: it is a property of the
+        weights (the pipeline's `kontext` flag), not of the config. Other counts raise ConfigError.
+        """
+        c = self.out_channels
+        modes = {c: "text", 2 * c: "control", 2 * c + FILL_MASK_CHANNELS: "fill"}
+        try:
+            return modes[self.in_channels]
+        except KeyError:
+            raise ConfigError(
+                f"in_channels {self.in_channels} with out_channels {c} matches no conditioning mode; "
+                f"expected {c} (text), {2 * c} (control: + control-image latent) or "
+                f"{2 * c + FILL_MASK_CHANNELS} (fill: + masked-image latent + {FILL_MASK_CHANNELS} mask channels)"
+            ) from None
 
     def replace(self, **changes) -> FluxConfig:
         return dataclasses.replace(self, **changes)

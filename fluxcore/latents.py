@@ -8,10 +8,13 @@ Sizes are given in pixels, as in the reference: an H x W image has a latent grid
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 from einops import rearrange
 from torch import Tensor
+
+from fluxcore.errors import ConfigError
 
 LATENT_CHANNELS = 16
 
@@ -38,6 +41,54 @@ def get_noise(
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = torch.randn(num_samples, LATENT_CHANNELS, h, w, dtype=dtype, generator=generator)
     return noise.to(device) if device is not None else noise
+
+
+def draw_noise(
+    generator,
+    num_samples: int,
+    height: int,
+    width: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[Tensor, list[int] | None]:
+    """Packed starting noise [num_samples, ⌈H/16⌉·⌈W/16⌉, 64] in `dtype` on `device`, and the seeds used.
+
+    generator: None (a random seed is drawn), an int seed (the reference's noise, `get_noise`, for
+    the whole batch), a torch.Generator (drawn on its device), or a list with one seed or
+    generator per sample. Seeds come back as [seed] for one seed, one per sample for a list of
+    seeds, None for generators.
+    """
+    if generator is None:
+        generator = random.SystemRandom().randrange(2**32)
+    items = list(generator) if isinstance(generator, (list, tuple)) else None
+    if items is not None and len(items) != num_samples:
+        raise ConfigError(
+            f"got {len(items)} seeds/generators for {num_samples} images (prompts × num_images_per_prompt); "
+            "give one per image or a single one"
+        )
+
+    def from_generator(g: torch.Generator, n: int) -> Tensor:
+        x = torch.randn(
+            n, LATENT_CHANNELS, *latent_size(height, width), generator=g, device=g.device, dtype=dtype
+        )
+        return pack(x.to(device))
+
+    if items is None:
+        if isinstance(generator, torch.Generator):
+            return from_generator(generator, num_samples), None
+        seed = _seed(generator)
+        return pack(get_noise(num_samples, height, width, device, dtype, seed)), [seed]
+    if all(isinstance(g, torch.Generator) for g in items):
+        return torch.cat([from_generator(g, 1) for g in items]), None
+    seeds = [_seed(g) for g in items]
+    return torch.cat([pack(get_noise(1, height, width, device, dtype, s)) for s in seeds]), seeds
+
+
+def _seed(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"a seed must be a non-negative integer (or a torch.Generator); got {value!r}")
+    return value
 
 
 def pack(x: Tensor) -> Tensor:
@@ -85,5 +136,6 @@ def make_txt_ids(batch: int, length: int, *, device: torch.device | str | None =
 
 
 def image_seq_len(height: int, width: int) -> int:
-    """Number of packed image tokens for height x width pixels (the `image_seq_len` of `get_schedule`)."""
+    """Number of packed image tokens for height x width pixels, ⌈H/16⌉·⌈W/16⌉ (the `image_seq_len`
+    of `get_schedule`)."""
     return math.ceil(height / 16) * math.ceil(width / 16)

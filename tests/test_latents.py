@@ -6,7 +6,17 @@ import math
 import pytest
 import torch
 
-from fluxcore.latents import get_noise, image_seq_len, latent_size, make_img_ids, make_txt_ids, pack, unpack
+from fluxcore.errors import ConfigError
+from fluxcore.latents import (
+    draw_noise,
+    get_noise,
+    image_seq_len,
+    latent_size,
+    make_img_ids,
+    make_txt_ids,
+    pack,
+    unpack,
+)
 
 diffusers = pytest.importorskip("diffusers")
 FluxPipeline = diffusers.FluxPipeline
@@ -69,3 +79,18 @@ def test_kontext_ids_and_txt_ids():
     assert torch.equal(ids[..., 1:], make_img_ids(2, 32, 48)[..., 1:])
     t = make_txt_ids(2, 7)
     assert t.shape == (2, 7, 3) and t.dtype == torch.float32 and not t.any()
+
+
+def test_draw_noise_seeds_and_generators():
+    one, seeds = draw_noise(5, 2, 32, 48, dtype=torch.float32)
+    assert seeds == [5] and torch.equal(one, pack(get_noise(2, 32, 48, dtype=torch.float32, seed=5)))
+    per, seeds = draw_noise([5, 6], 2, 32, 48, dtype=torch.float32)
+    assert seeds == [5, 6] and torch.equal(per[1:], pack(get_noise(1, 32, 48, dtype=torch.float32, seed=6)))
+    gens, seeds = draw_noise([torch.Generator().manual_seed(1)] * 2, 2, 32, 48, dtype=torch.float32)
+    assert seeds is None and gens.shape == (2, image_seq_len(32, 48), 64)
+    _, seeds = draw_noise(None, 1, 16, 16, dtype=torch.float32)
+    assert len(seeds) == 1 and 0 <= seeds[0] < 2**32
+    with pytest.raises(ConfigError, match="got 3 seeds/generators for 2 images"):
+        draw_noise([1, 2, 3], 2, 32, 32)
+    with pytest.raises(ConfigError, match="non-negative"):
+        draw_noise(-1, 1, 32, 32)

@@ -10,6 +10,7 @@ import torch
 from fluxcore.errors import ConfigError, FluxcoreError, WeightsError
 from fluxcore.latents import get_noise, pack
 from fluxcore.pipeline import FluxPipeline
+from fluxcore.sampling import ScheduleConfig, get_schedule
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -160,6 +161,57 @@ def test_img2img_starts_from_the_reference_mix(pipes):
     )
     want = ts[t_idx] * noise(1, 32, 48, seed=4) + (1 - ts[t_idx]) * init
     torch.testing.assert_close(seen[0][2], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        dict(
+            use_dynamic_shifting=True,
+            base_shift=0.2,
+            max_shift=2.0,
+            base_image_seq_len=2,
+            max_image_seq_len=40,
+        ),
+        dict(use_dynamic_shifting=False, shift=3.0),
+    ],
+)
+def test_scheduler_config_of_the_snapshot_sets_the_schedule(folders, tmp_path, scheduler):
+    """A snapshot's scheduler/scheduler_config.json is the schedule: flow times from diffusers'
+    scheduler with diffusers' μ, and the same image as diffusers' pipeline on that folder."""
+    import json
+
+    folder = tmp_path / "dev"
+    shutil.copytree(folders["dev"], folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **scheduler}))
+    pipe = FluxPipeline.from_pretrained(folder)
+    assert pipe.schedule == ScheduleConfig.from_scheduler_config(json.loads(path.read_text()))
+    lat = noise(1, 64, 48)
+    args = dict(height=64, width=48, num_inference_steps=4, guidance_scale=4.0, latents=lat, output_type="np")
+    ours = pipe("a cat on mars", **args, **KW)
+    ref = diffusers.FluxPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    c = ref.scheduler.config
+    seq = lat.shape[1]
+    m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    mu = seq * m + c.base_shift - m * c.base_image_seq_len  # diffusers' calculate_shift
+    ref.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=mu)
+    np.testing.assert_allclose(ours.info["timesteps"], ref.scheduler.sigmas.double().numpy(), atol=1e-6)
+    assert not np.allclose(ours.info["timesteps"], get_schedule(4, seq), atol=1e-3)  # not the default
+    theirs = ref("a cat on mars", **args, max_sequence_length=16).images
+    assert np.abs(ours.images - theirs).max() <= 1e-4
+
+
+def test_schedule_defaults_without_a_scheduler_config(pipes):
+    """BFL folders carry no scheduler config: the reference's schedule for the variant."""
+    assert pipes["dev_bfl"].schedule == ScheduleConfig()
+    assert pipes["dev_bfl"].get_timesteps(7, 100) == pipes["dev"].get_timesteps(7, 100)
+    assert pipes["schnell"].schedule == ScheduleConfig.unshifted()
+    p = pipes["schnell"]
+    assert FluxPipeline(p.transformer, p.ae, p.t5, p.clip, p.t5_tokenizer, p.clip_tokenizer).schedule == (
+        ScheduleConfig.unshifted()
+    )
 
 
 # --- layouts, sizes, seeds ---------------------------------------------------------------------
@@ -356,13 +408,13 @@ def test_nan_stops_and_names_the_step(folders):
 
 def test_out_of_range_image_and_mask_tensors_are_refused():
     """0-255 tensors would silently give a wrong fill (image·(1 − mask) with mask 255)."""
-    from fluxcore.pipeline import _to_mask_tensor, _to_rgb_tensor
+    from fluxcore.images import to_mask_tensor, to_rgb_tensor
 
     with pytest.raises(
         ConfigError, match=r"mask_image tensor values must lie in \[0, 1\] .*found \[0, 255\]"
     ):
-        _to_mask_tensor(torch.full((32, 32), 255.0).index_fill_(0, torch.tensor([0]), 0), 32, 32)
+        to_mask_tensor(torch.full((32, 32), 255.0).index_fill_(0, torch.tensor([0]), 0), 32, 32)
     with pytest.raises(ConfigError, match=r"image tensor values must lie in \[-1, 1\]"):
-        _to_rgb_tensor(torch.full((3, 32, 32), 128.0), 32, 32, "image")
-    assert _to_mask_tensor(torch.ones(32, 32), 32, 32).shape == (1, 1, 32, 32)
-    assert _to_rgb_tensor(torch.zeros(3, 32, 32), 32, 32, "image").shape == (1, 3, 32, 32)
+        to_rgb_tensor(torch.full((3, 32, 32), 128.0), 32, 32, "image")
+    assert to_mask_tensor(torch.ones(32, 32), 32, 32).shape == (1, 1, 32, 32)
+    assert to_rgb_tensor(torch.zeros(3, 32, 32), 32, 32, "image").shape == (1, 3, 32, 32)

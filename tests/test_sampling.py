@@ -14,9 +14,14 @@ from fluxcore.sampling import (
     SAMPLERS,
     CFGDenoiser,
     FlowDenoiser,
+    ScheduleConfig,
+    denoise,
+    flow_times,
     get_sampler,
     get_schedule,
     nan_guard,
+    per_sample,
+    report,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
@@ -79,6 +84,90 @@ def test_schedule_matches_diffusers_scheduler(n, seq):
 def test_schedule_rejects_bad_steps(bad):
     with pytest.raises(ConfigError, match="num_steps"):
         get_schedule(bad, 256)
+
+
+def calculate_shift(seq_len, base_seq_len, max_seq_len, base_shift, max_shift):
+    """diffusers' FluxPipeline `calculate_shift`, written out: μ on the line through
+    (base_seq_len, base_shift) and (max_seq_len, max_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return seq_len * m + (base_shift - m * base_seq_len)
+
+
+def diffusers_sigmas(scheduler_config: dict, n: int, seq_len: int) -> np.ndarray:
+    """The flow times diffusers' FluxPipeline runs for this scheduler config."""
+    diffusers = pytest.importorskip("diffusers")
+    sch = diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    c = sch.config
+    mu = calculate_shift(seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    return sch.sigmas.double().numpy()
+
+
+SCHEDULER_CONFIGS = {
+    "dev": dict(use_dynamic_shifting=True, shift=3.0, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "other_line": dict(use_dynamic_shifting=True, shift=3.0, base_shift=0.2, max_shift=2.0,
+                       base_image_seq_len=64, max_image_seq_len=1024),
+    "static_3": dict(use_dynamic_shifting=False, shift=3.0),
+    "schnell": dict(use_dynamic_shifting=False, shift=1.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCHEDULER_CONFIGS)
+@pytest.mark.parametrize("n,seq", [(4, 256), (28, 4096), (13, 1110), (1, 77)])
+def test_schedule_config_matches_diffusers_scheduler(name, n, seq):
+    raw = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+    raw.update(SCHEDULER_CONFIGS[name])
+    cfg = ScheduleConfig.from_scheduler_config(raw)
+    ts = get_schedule(n, seq, config=cfg)
+    assert len(ts) == n + 1 and ts[0] == 1.0 and ts[-1] == 0.0
+    np.testing.assert_allclose(ts, diffusers_sigmas(raw, n, seq), atol=1e-6)
+
+
+def test_schedule_config_defaults_and_legacy_arguments():
+    # the dataclass defaults are the reference's dev schedule; `unshifted` is schnell's
+    assert get_schedule(9, 1234, config=ScheduleConfig()) == get_schedule(9, 1234)
+    assert get_schedule(4, 4096, config=ScheduleConfig.unshifted()) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert get_schedule(6, 999, 0.3, 1.4) == get_schedule(
+        6, 999, config=ScheduleConfig(base_shift=0.3, max_shift=1.4)
+    )
+    # a scheduler config reads missing keys as diffusers does (static shift 1 = unshifted)
+    assert ScheduleConfig.from_scheduler_config({}) == ScheduleConfig.unshifted()
+    static = ScheduleConfig.from_scheduler_config({"use_dynamic_shifting": False, "shift": 3.0})
+    assert get_schedule(2, 4096, config=static) == pytest.approx([1.0, 0.75, 0.0])  # 3·½ / (1 + 2·½)
+    with pytest.raises(ConfigError, match="either config= or base_shift"):
+        get_schedule(4, 256, shift=False, config=ScheduleConfig())
+
+
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        ({"shift_terminal": 0.1}, "shift_terminal"),
+        ({"use_karras_sigmas": True}, "use_karras_sigmas"),
+        ({"time_shift_type": "linear"}, "time_shift_type"),
+        ({"shift": 0.0}, "shift must be > 0"),
+        ({"base_image_seq_len": 256, "max_image_seq_len": 256}, "must differ"),
+        ({"shift": "big"}, "wrong type"),
+    ],
+)
+def test_schedule_config_refuses_what_it_does_not_compute(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        ScheduleConfig.from_scheduler_config(raw)
+
+
+def test_sampler_building_blocks():
+    x = torch.zeros(3, 2, 4)
+    assert flow_times(torch.tensor([1.0, 0.5, 0.0])) == [1.0, 0.5, 0.0]
+    with pytest.raises(ConfigError, match="at least 2"):
+        flow_times([1.0])
+    s = per_sample(0.25, x.double())
+    assert s.shape == (3,) and s.dtype == torch.float64 and torch.all(s == 0.25)
+    seen = []
+    model = lambda x, sigma, c=0.0: x * 0 + sigma.reshape(-1, 1, 1) + c
+    torch.testing.assert_close(denoise(model, x, 0.5, c=1.0), torch.full_like(x, 1.5))
+    report(seen.append, x, 2, 0.5, x)
+    report(None, x, 2, 0.5, x)
+    assert [sorted(d) for d in seen] == [["denoised", "i", "sigma", "sigma_hat", "x"]]
 
 
 # --- Euler is the reference loop ------------------------------------------------------------

@@ -1,7 +1,7 @@
 """load_flux / save_flux / info on every layout, checked against diffusers' own loader and model.
 
 Oracles: diffusers' FluxTransformer2DModel.from_pretrained reading our diffusers folder, and
-FLUX_SPEC's parameter counts for the official files (checked on sparse full-size files, whose
+the official files' parameter counts (checked on sparse full-size files, whose
 headers are real but whose data are holes, so no memory or disk is used).
 """
 
@@ -215,7 +215,7 @@ def test_full_size_variants_from_headers(tmp_path, filename, preset, variant):
     path = write_sparse(tmp_path / filename, PRESETS[preset])
     i = info(path)
     assert (i.kind, i.layout, i.variant, i.config) == ("flux-transformer", "bfl", variant, PRESETS[preset])
-    dev_params = 11_901_408_320  # FLUX_SPEC §1.1
+    dev_params = 11_901_408_320  # flux1-dev.safetensors: 780 tensors, 23.8 GB in bf16
     expected = {
         "flux-dev": dev_params,
         "flux-schnell": dev_params - 10_229_760,

@@ -1,6 +1,6 @@
 """Peak host memory of load_flux on a ~300 MB bf16 checkpoint, measured in a fresh subprocess.
 
-Bound from issue 3: peak ≤ 1.25 × the bf16 size of the weights + 300 MB (the interpreter with
+Bound: peak ≤ 1.25 × the bf16 size of the weights + 300 MB (the interpreter with
 torch is ~220 MB of that). We also bound what loading adds over the imported interpreter: the
 model itself plus ~one tensor; a loader that held a second copy (e.g. safetensors' load_file
 followed by load_state_dict without assign) would fail both.

@@ -33,18 +33,19 @@ from fluxcore.text.clip import CLIPTextConfig, CLIPTextEncoder
 from fluxcore.text.t5 import T5Config, T5Encoder, keep_wo_in_fp32
 from fluxcore.text.tokenizers import CLIPTokenizer, T5Tokenizer
 from fluxcore.weights import vae_keys
-from fluxcore.weights.io import Checkpoint, CheckpointNotFoundError, load_into, open_checkpoint
+from fluxcore.weights.io import (
+    Checkpoint,
+    CheckpointNotFoundError,
+    default_dtype,
+    load_into,
+    open_checkpoint,
+    read_json,
+    write_safetensors,
+)
 
 # safetensors metadata key under which `save_autoencoder` records the config (norm_groups and the
 # latent scale/shift cannot be read from tensor shapes).
 AE_CONFIG_METADATA_KEY = "fluxcore.autoencoder_config"
-
-
-def _default_dtype(device, dtype):
-    if dtype is not None:
-        return dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _component(source, subfolder: str, what: str) -> Path:
@@ -55,19 +56,6 @@ def _component(source, subfolder: str, what: str) -> Path:
     if path.is_dir() and not (path / "config.json").is_file() and (path / subfolder).is_dir():
         return path / subfolder
     return path
-
-
-def _read_config(folder: Path) -> dict | None:
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
-    return data
 
 
 def _indices(keys, pattern: str) -> list[int]:
@@ -136,11 +124,11 @@ def load_t5(
     """
     path = _component(source, "text_encoder_2", "load_t5")
     folder = path if path.is_dir() else path.parent
-    dtype = _default_dtype(device, dtype)
+    dtype = default_dtype(device) if dtype is None else dtype
     with open_checkpoint(path) as ckpt:
         if config is None:
-            hf = _read_config(folder)
-            config = T5Config.from_hf_dict(hf) if hf is not None else infer_t5_config(ckpt)
+            hf = read_json(folder / "config.json", missing_ok=True)
+            config = T5Config.from_hf_dict(hf) if hf else infer_t5_config(ckpt)
         with torch.device("meta"):
             model = T5Encoder(config)
         if dtype == torch.float16:
@@ -204,11 +192,11 @@ def load_clip(
     Returns an eval-mode, frozen CLIPTextEncoder on `device` in `dtype` (default bf16 on CUDA, else fp32)."""
     path = _component(source, "text_encoder", "load_clip")
     folder = path if path.is_dir() else path.parent
-    dtype = _default_dtype(device, dtype)
+    dtype = default_dtype(device) if dtype is None else dtype
     with open_checkpoint(path) as ckpt:
         if config is None:
-            hf = _read_config(folder)
-            if hf is not None:
+            hf = read_json(folder / "config.json", missing_ok=True)
+            if hf:
                 config = CLIPTextConfig.from_hf_dict(hf)
             else:
                 config = infer_clip_config({_clip_name(k): ckpt.shape(k) for k in ckpt.keys()}, ckpt.source)
@@ -284,14 +272,14 @@ def _ae_source(source) -> tuple[Path, dict | None]:
     if not path.exists():
         raise CheckpointNotFoundError(f"load_autoencoder: no such file or folder: {path}")
     if path.is_file():
-        sibling = _read_config(path.parent)
+        sibling = read_json(path.parent / "config.json", missing_ok=True)
         return path, sibling if sibling and sibling.get("_class_name") == "AutoencoderKL" else None
     if (path / "ae.safetensors").is_file():
         return path / "ae.safetensors", None
     if not (path / "config.json").is_file() and (path / "vae").is_dir():
         path = path / "vae"
-    cfg = _read_config(path)
-    if cfg is not None and cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    cfg = read_json(path / "config.json", missing_ok=True) or None
+    if cfg and cfg.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise WeightsError(
             f"{path / 'config.json'} describes a {cfg.get('_class_name')}, not an AutoencoderKL"
         )
@@ -310,7 +298,7 @@ def load_autoencoder(
     `dtype` (default bf16 on CUDA, else fp32).
     """
     path, diffusers_cfg = _ae_source(source)
-    dtype = _default_dtype(device, dtype)
+    dtype = default_dtype(device) if dtype is None else dtype
     with open_checkpoint(path) as ckpt:
         layout = _ae_layout(ckpt.keys())
         if layout == "diffusers":
@@ -363,10 +351,8 @@ def load_clip_tokenizer(source, *, max_length: int | None = None) -> CLIPTokeniz
 
 
 def _save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    write_safetensors(path, tensors, metadata)
 
 
 def save_t5(model: T5Encoder, folder) -> Path:

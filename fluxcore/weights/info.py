@@ -12,8 +12,10 @@ import torch
 
 from fluxcore.config import FluxConfig
 from fluxcore.errors import WeightsError
-from fluxcore.weights.flux import inspect_flux, what_is
-from fluxcore.weights.io import UnknownVariantError, open_checkpoint
+from fluxcore.weights.errors import UnknownVariantError
+from fluxcore.weights.find import what_is
+from fluxcore.weights.flux import inspect_flux
+from fluxcore.weights.io import open_checkpoint
 
 
 @dataclass
@@ -21,7 +23,8 @@ class WeightsInfo:
     """Summary of a checkpoint.
 
     kind:     "flux-transformer", or a guess from key names for anything else ("an autoencoder (VAE)", ...).
-    layout:   "bfl" or "diffusers" for FLUX transformers ("" otherwise); prefix: their key prefix.
+    layout:   the layout name ("bfl", "diffusers", ...) for FLUX transformers ("" otherwise);
+              prefix: their key prefix.
     variant:  PRESETS name or "custom" (FLUX transformers only); note: how it was decided.
     dtypes:   stored dtype name → element count.  num_params: elements of the model's tensors.
     nbytes:   size of the files on disk.  files: the .safetensors files read.

@@ -1,5 +1,6 @@
-"""safetensors streaming: headers, memory-mapped checkpoints (single files or HF shard indexes), and
-`load_into`, which fills a module built on the meta device one tensor at a time.
+"""The one safetensors stack of fluxcore: `open_checkpoint` / `Checkpoint` read single files and
+Hugging Face shard indexes; the header parser (`header.py`), `load_into` (`assign.py`) and
+`write_safetensors` (`writer.py`) are re-exported here, so every loader imports from this module.
 
 Memory model: nothing is read until a tensor is asked for, and then only that tensor. Two ways:
 `Checkpoint.get` returns a view of a copy-on-write memory map (zero-copy, bytes fault in on first
@@ -14,69 +15,51 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fluxcore.errors import WeightsError
 
-# safetensors cap (the reference implementation refuses larger headers too): a bigger number in
-# the first 8 bytes means the file is something else or is corrupt.
-MAX_HEADER_BYTES = 100_000_000
+# The rest of the stack, importable from here too: errors, the header parser, load_into, the writer.
+from fluxcore.weights.assign import load_into
+from fluxcore.weights.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    UnknownVariantError,
+    UnsupportedDtypeError,
+)
+from fluxcore.weights.header import (
+    FLOAT8_DTYPES,
+    SAFETENSORS_DTYPES,
+    TORCH_TO_SAFETENSORS,
+    _read_header,
+    read_header,
+)
+from fluxcore.weights.writer import write_safetensors
 
-# safetensors dtype name → torch dtype. Anything else is reported as unsupported.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-# --- the WeightsError family --------------------------------------------------------------------
-
-
-class CheckpointNotFoundError(WeightsError, FileNotFoundError):
-    """The path (or a shard named by an index) does not exist."""
-
-
-class CorruptCheckpointError(WeightsError):
-    """Not a safetensors file, truncated, or its header/index is malformed."""
-
-
-class UnsupportedDtypeError(WeightsError):
-    """A tensor has a dtype fluxcore cannot load (or cannot cast to the one asked for)."""
-
-
-class KeyMismatchError(WeightsError):
-    """Keys missing from, or unexpected in, a checkpoint for the module being loaded."""
-
-
-class ShapeMismatchError(WeightsError):
-    """A tensor's shape differs from the parameter it should fill."""
-
-
-class UnknownVariantError(WeightsError):
-    """The checkpoint's layout or model variant is not one fluxcore recognises."""
-
-
-# --- headers ------------------------------------------------------------------------------------
+__all__ = [
+    "FLOAT8_DTYPES",
+    "SAFETENSORS_DTYPES",
+    "TORCH_TO_SAFETENSORS",
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "KeyMismatchError",
+    "ShapeMismatchError",
+    "UnknownVariantError",
+    "UnsupportedDtypeError",
+    "default_dtype",
+    "load_into",
+    "open_checkpoint",
+    "read_header",
+    "read_json",
+    "write_safetensors",
+]
 
 
 def read_json(path, *, missing_ok: bool = False) -> dict:
@@ -101,122 +84,11 @@ def read_json(path, *, missing_ok: bool = False) -> dict:
 def default_dtype(device=None) -> torch.dtype:
     """The dtype loaders use when none is given: bfloat16 on CUDA (FLUX activations overflow
     float16), float32 elsewhere (CPU bfloat16 matmuls are slow and rarely what a test wants)."""
-    return torch.bfloat16 if torch.device(device if device is not None else "cpu").type == "cuda" else torch.float32
-
-
-def _sniff(head: bytes) -> str:
-    """A hint for files that are obviously some other format."""
-    if head.startswith(b"PK"):
-        return " It looks like a PyTorch .pt/.ckpt (zip/pickle) file; fluxcore reads only .safetensors."
-    if head.startswith(b"GGUF"):
-        return " It is a GGUF file, which fluxcore does not read; use the .safetensors release."
-    if head.startswith(b"version https://git-lfs"):
-        return " It is a Git LFS pointer, not the weights: fetch the real file (`git lfs pull`)."
-    if head.startswith(b"\x80"):
-        return " It looks like a Python pickle; fluxcore reads only .safetensors."
-    return ""
-
-
-def read_header(path) -> dict:
-    """The parsed safetensors header of `path`: {key: {"dtype", "shape", "data_offsets"}, and
-    "__metadata__": {str: str} when present}. Reads only the header bytes, never tensor data.
-
-    Validates everything a later read relies on: dtype names, shapes (non-negative ints), byte
-    ranges (inside the file, of exactly numel × itemsize bytes). Raises a WeightsError subclass
-    naming the file and what is wrong; nothing else escapes.
-    """
-    return _read_header(Path(path))[0]
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header, header length n); tensor data starts at byte 8 + n."""
-    if not path.exists():
-        raise CheckpointNotFoundError(f"no such file: {path}")
-    if not path.is_file():
-        raise CorruptCheckpointError(f"{path} is not a file (expected a .safetensors file)")
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(
-                    f"{path} is not a safetensors file: it has {size} bytes, fewer than the 8-byte header length"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                head += f.read(32)
-                raise CorruptCheckpointError(
-                    f"{path} is not a safetensors file or is truncated: its first 8 bytes declare a "
-                    f"{n}-byte header, but the file has {size} bytes in all.{_sniff(head)}"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {path}: {e}") from None
-    if len(raw) != n:
-        raise CorruptCheckpointError(f"{path} is truncated: expected a {n}-byte header, read {len(raw)}")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CorruptCheckpointError(
-            f"{path}: corrupt safetensors header ({n} bytes are not valid UTF-8 JSON: {e}).{_sniff(head)}"
-        ) from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(
-            f"{path}: corrupt safetensors header: expected a JSON object, found {type(header).__name__}"
-        )
-    data_size = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            if not isinstance(info, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in info.items()
-            ):
-                raise CorruptCheckpointError(
-                    f"{path}: corrupt header: __metadata__ must map strings to strings"
-                )
-            continue
-        _check_entry(path, key, info, data_size)
-    return header, n
-
-
-def _check_entry(path: Path, key: str, info, data_size: int) -> None:
-    where = f"{path}: tensor {key!r}"
-    if not isinstance(info, dict):
-        raise CorruptCheckpointError(
-            f"{where}: corrupt header entry (expected an object, found {info!r:.80})"
-        )
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str):
-        raise CorruptCheckpointError(f"{where}: corrupt header entry, dtype is {dtype!r:.80}")
-    if dtype not in SAFETENSORS_DTYPES:
-        raise UnsupportedDtypeError(
-            f"{where} has dtype {dtype!r}, which fluxcore cannot load; supported: "
-            f"{', '.join(SAFETENSORS_DTYPES)}"
-        )
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CorruptCheckpointError(
-            f"{where}: corrupt header entry, shape must be a list of non-negative ints, found {shape!r:.80}"
-        )
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(type(o) is int for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise CorruptCheckpointError(
-            f"{where}: corrupt header entry, data_offsets must be [begin, end] with 0 <= begin <= end, "
-            f"found {offsets!r:.80}"
-        )
-    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-    if offsets[1] - offsets[0] != nbytes:
-        raise CorruptCheckpointError(
-            f"{where}: corrupt header entry, {dtype} {shape} needs {nbytes} bytes but data_offsets "
-            f"{offsets} span {offsets[1] - offsets[0]}"
-        )
-    if offsets[1] > data_size:
-        raise CorruptCheckpointError(
-            f"{path} is truncated: tensor {key!r} ends at data byte {offsets[1]}, but the file holds "
-            f"only {data_size} data bytes"
-        )
+    return (
+        torch.bfloat16
+        if torch.device(device if device is not None else "cpu").type == "cuda"
+        else torch.float32
+    )
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -518,117 +390,3 @@ def _open_index(index: Path) -> Checkpoint:
     return Checkpoint(
         [index.parent / s for s in shards], source=str(index), weight_map=weight_map, metadata=metadata
     )
-
-
-# --- loading into a module ----------------------------------------------------------------------
-
-
-def _targets(module: nn.Module) -> tuple[dict[str, tuple], dict[int, list[str]]]:
-    """name → (owner module, attribute, original tensor, is_param) for every parameter and
-    persistent buffer, under every name (tied parameters appear once per name); and the names that
-    share each tensor (by id)."""
-    targets: dict[str, tuple] = {}
-    aliases: dict[int, list[str]] = {}
-    for prefix, mod in module.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                targets[dot + attr] = (mod, attr, p, True)
-        for attr, b in mod._buffers.items():
-            if b is not None and attr not in mod._non_persistent_buffers_set:
-                targets[dot + attr] = (mod, attr, b, False)
-    for name, (_, _, t, _) in targets.items():
-        aliases.setdefault(id(t), []).append(name)
-    return targets, aliases
-
-
-def _few(names: list[str]) -> str:
-    more = f", … ({len(names)} in all)" if len(names) > 5 else f" ({len(names)} in all)"
-    return ", ".join(repr(n) for n in names[:5]) + more
-
-
-def _materialise(
-    t: Tensor, key: str, source: str, dtype, device, target_dtype: torch.dtype, copy: bool
-) -> Tensor:
-    """`t` in the wanted dtype on the wanted device; never `t`'s own memory when `copy`."""
-    if target_dtype.is_floating_point:
-        if not t.dtype.is_floating_point:
-            raise UnsupportedDtypeError(
-                f"{source}: {key!r} has dtype {t.dtype}, expected a floating-point tensor"
-            )
-        want = dtype if dtype is not None else (torch.bfloat16 if t.dtype in FLOAT8_DTYPES else t.dtype)
-    else:
-        if t.dtype != target_dtype:
-            raise UnsupportedDtypeError(f"{source}: {key!r} has dtype {t.dtype}, expected {target_dtype}")
-        want = t.dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cpu":
-        return t.to(dtype=want, copy=copy)
-    # Move the raw bytes first (fewer of them for float8/bf16), then cast on the device.
-    return t.to(device=device).to(dtype=want)
-
-
-def load_into(
-    module: nn.Module, tensors, *, source: str, device=None, dtype=None, copy: bool = True
-) -> nn.Module:
-    """Fill `module` (built on the meta device) from `tensors` and return it.
-
-    tensors: a Mapping or an iterable of (key, tensor) pairs named like `module.state_dict()`.
-      Each tensor is cast/moved (and copied, see `copy`) before the next one is requested, so a
-      source may drop a tensor's memory once the iterator resumes.
-    copy:   True (default): the module never shares memory with the tensors passed (needed for
-      `Checkpoint.get`'s memory-mapped views). False: a tensor that needs no cast or move becomes
-      the parameter as it is, like `load_state_dict(assign=True)`; use it with tensors nobody
-      else holds, e.g. `load_into(m, ckpt.stream(), copy=False)` (the fastest way).
-    device: where the weights go (default CPU); CUDA loads go tensor by tensor to the device.
-    dtype:  floating-point dtype of the loaded weights; default: each tensor's own dtype, except
-      float8 (e4m3fn, e5m2), which is upcast to bfloat16. Integer/bool buffers keep theirs.
-    Parameters tied under several names are filled once from whichever name comes first.
-
-    Raises WeightsError (never returns a half-filled module, and leaves `module` untouched on
-    error): shape mismatch (key, expected, found), unsupported dtype, missing or unexpected keys
-    (up to five named, and the count).
-    """
-    targets, aliases = _targets(module)
-    if isinstance(tensors, Mapping):
-        unexpected = [k for k in tensors if k not in targets]
-        if unexpected:
-            raise KeyMismatchError(
-                f"{source}: {len(unexpected)} unexpected key(s) for {type(module).__name__}: {_few(unexpected)}"
-            )
-        tensors = tensors.items()
-    filled: dict[int, Tensor] = {}
-    unexpected: list[str] = []
-    for key, t in tensors:
-        target = targets.get(key)
-        if target is None:
-            unexpected.append(key)
-            continue
-        orig = target[2]
-        if tuple(t.shape) != tuple(orig.shape):
-            raise ShapeMismatchError(
-                f"{source}: {key!r} has shape {list(t.shape)}, but {type(module).__name__} expects "
-                f"{list(orig.shape)} (wrong variant or config?)"
-            )
-        if id(orig) in filled:  # a tied parameter already filled under another name
-            continue
-        filled[id(orig)] = _materialise(t, key, source, dtype, device, orig.dtype, copy)
-        del t  # let the source drop this tensor's bytes before the next one is read
-    if unexpected:
-        raise KeyMismatchError(
-            f"{source}: {len(unexpected)} unexpected key(s) for {type(module).__name__}: {_few(unexpected)}"
-        )
-    missing = [names[0] for tid, names in aliases.items() if tid not in filled]
-    if missing:
-        raise KeyMismatchError(
-            f"{source}: {len(missing)} key(s) missing for {type(module).__name__}: {_few(missing)}"
-        )
-    # All checks passed: assign (the module held only meta tensors, so nothing is duplicated).
-    # One new object per original tensor, so tied names stay one Parameter.
-    new: dict[int, Tensor] = {}
-    for mod, attr, orig, is_param in targets.values():
-        if id(orig) not in new:
-            value = filled[id(orig)]
-            new[id(orig)] = nn.Parameter(value, requires_grad=orig.requires_grad) if is_param else value
-        (mod._parameters if is_param else mod._buffers)[attr] = new[id(orig)]
-    return module

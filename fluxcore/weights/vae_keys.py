@@ -1,4 +1,4 @@
-"""BFL `ae.safetensors` ↔ diffusers `AutoencoderKL` (`vae/`) key map (FLUX_SPEC §7.5), as pure
+"""BFL `ae.safetensors` ↔ diffusers `AutoencoderKL` (`vae/`) key map, as pure
 functions in both directions, for any number of levels and blocks.
 
     encoder.down.{i}.block.{j}.*            ↔ encoder.down_blocks.{i}.resnets.{j}.*   (nin_shortcut ↔ conv_shortcut)
