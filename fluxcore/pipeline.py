@@ -86,6 +86,19 @@ class _Request:
     sample: Callable
 
 
+def _apply_kernels(transformer: nn.Module, wanted: bool | None) -> list[str]:
+    """The fused-kernel transform as the pipeline's default (see FluxPipeline): the module paths replaced."""
+    if wanted is False or (wanted is None and not torch.cuda.is_available()):
+        return []
+    try:
+        from fluxcore import kernels
+    except ImportError as e:  # triton missing or unable to load here
+        if wanted:
+            raise ConfigError(f"fused_kernels=True needs the Triton kernels, which cannot be imported: {e}") from None
+        return []
+    return kernels.apply(transformer)
+
+
 def _missing_parts(root: Path) -> list[str]:
     missing = [f"{name}/: {what}" for name, what in _PARTS.items() if not (root / name).is_dir()]
     if not (root / "ae.safetensors").is_file() and not (root / "vae").is_dir():
@@ -102,6 +115,10 @@ class FluxPipeline:
     clip_tokenizer: their tokenizers. `kontext=True` marks a Kontext model (its shapes are dev's).
     schedule: how flow times are shifted; default the reference's (unshifted for schnell-type
     models, resolution-shifted otherwise). Build with `from_pretrained` or from parts.
+    fused_kernels: apply `fluxcore.kernels.apply` to the transformer (True), never (False), or
+    when a CUDA device and the Triton kernels are available (None, the default). The fused modules
+    fall back to the plain math wherever their kernels cannot run, so moving the pipeline between
+    devices stays exact; `fused_modules` lists what was replaced.
     """
 
     def __init__(
@@ -116,6 +133,7 @@ class FluxPipeline:
         kontext: bool = False,
         redux: nn.Module | None = None,
         schedule: ScheduleConfig | None = None,
+        fused_kernels: bool | None = None,
     ):
         self.transformer = transformer
         self.ae = ae
@@ -129,12 +147,19 @@ class FluxPipeline:
             schedule = ScheduleConfig.unshifted() if self.is_schnell else ScheduleConfig()
         self.schedule = schedule
         self._offload_device: torch.device | None = None
+        self.fused_modules: list[str] = _apply_kernels(transformer, fused_kernels)
 
     # --- construction ----------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(
-        cls, path, *, torch_dtype: torch.dtype | None = None, device=None, kontext: bool | None = None
+        cls,
+        path,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        device=None,
+        kontext: bool | None = None,
+        fused_kernels: bool | None = None,
     ) -> FluxPipeline:
         """Load every part from a model folder:
         - a Hugging Face snapshot (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/,
@@ -143,6 +168,7 @@ class FluxPipeline:
         torch_dtype: default bf16 on CUDA, float32 elsewhere. device: default CPU.
         kontext: default from model_index.json (FluxKontextPipeline) or "kontext" in the file/folder name.
         Without a scheduler config the schedule is the reference's for the variant.
+        fused_kernels: see the class docstring (default: on where a CUDA GPU and Triton are).
         """
         from fluxcore.weights import load_flux
         from fluxcore.weights.encoders import (
@@ -173,7 +199,10 @@ class FluxPipeline:
             kontext = "Kontext" in cls_name or "kontext" in str(getattr(transformer, "variant", ""))
         scheduler = read_json(root / "scheduler" / "scheduler_config.json", missing_ok=True)
         schedule = ScheduleConfig.from_scheduler_config(scheduler) if scheduler else None
-        return cls(transformer, ae, t5, clip, t5_tok, clip_tok, kontext=kontext, schedule=schedule)
+        return cls(
+            transformer, ae, t5, clip, t5_tok, clip_tok,
+            kontext=kontext, schedule=schedule, fused_kernels=fused_kernels,
+        )  # fmt: skip
 
     def load_redux(self, path) -> FluxPipeline:
         """Load FLUX.1-Redux's projector (flux1-redux-dev.safetensors); enables `image_embeds=`."""

@@ -321,6 +321,24 @@ def test_cpu_offload_gives_the_same_image(folders):
     assert all(p.device.type == "cpu" for m in pipe._modules() for p in m.parameters())
 
 
+def test_fused_kernels_default_off_without_cuda_and_exact_when_forced(folders, monkeypatch):
+    """Without CUDA the default leaves the model plain; forcing the transform (the Triton
+    interpreter runs the kernels on CPU in tests) gives the same image; a GPU machine gets it by
+    default (simulated: the decision only asks torch.cuda.is_available)."""
+    pytest.importorskip("fluxcore.kernels")
+    plain = FluxPipeline.from_pretrained(folders["schnell"])
+    assert plain.fused_modules == []
+    fused = FluxPipeline.from_pretrained(folders["schnell"], fused_kernels=True)
+    c = fused.transformer.config
+    assert len(fused.fused_modules) == 7 * c.depth + 4 * c.depth_single_blocks + 1
+    a = plain("a cat", height=32, width=32, generator=2, output_type="np", **KW).images
+    b = fused("a cat", height=32, width=32, generator=2, output_type="np", **KW).images
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert FluxPipeline.from_pretrained(folders["schnell"]).fused_modules
+    assert FluxPipeline.from_pretrained(folders["schnell"], fused_kernels=False).fused_modules == []
+
+
 def test_redux_tokens_are_appended(pipes, tmp_path):
     from safetensors.torch import save_file
 
