@@ -1,6 +1,6 @@
 """Load speed and peak host memory of `fluxcore.load_flux` on a synthetic checkpoint of ≥ 1 GB.
 
-Targets (issue 3, PERFORMANCE.md): ≥ 1 GB/s from a warm page cache, and peak host memory
+Targets: ≥ 1 GB/s from a warm page cache, and peak host memory
 ≤ 1.25 × the bf16 size of the weights + 300 MB. Each case runs in a fresh Python process (so the
 peak is that load's alone: VmHWM of the process, which includes the ~220 MB of Python + torch);
 the page cache is warmed by reading the files once first. Cases:

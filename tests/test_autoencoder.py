@@ -99,7 +99,7 @@ def test_key_map_round_trip_and_full_size_matches_diffusers():
         assert ours[k] == (s if len(s) != 2 or ".attn_1." not in k else (*s, 1, 1)), k
     for k in theirs:
         assert vae_keys.bfl_to_diffusers_key(vae_keys.diffusers_to_bfl_key(k, 4), 4) == k
-    # Spot checks from FLUX_SPEC §7.2/§7.5.
+    # Spot checks of the official key names (BFL ae.safetensors and diffusers vae/).
     assert (
         vae_keys.bfl_to_diffusers_key("decoder.up.0.block.0.nin_shortcut.weight", 4)
         == "decoder.up_blocks.3.resnets.0.conv_shortcut.weight"

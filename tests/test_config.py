@@ -1,4 +1,4 @@
-"""Every preset on the meta device: the official key set and shapes (FLUX_SPEC §7.1), the counts."""
+"""Every preset on the meta device: the official key set and shapes, the counts."""
 
 import dataclasses
 import time
@@ -12,7 +12,7 @@ from fluxcore.errors import ConfigError
 
 
 def official_shapes(in_channels: int, guidance: bool) -> dict[str, tuple[int, ...]]:
-    """The table of FLUX_SPEC §7.1, written out independently of the model code."""
+    """The official checkpoint key table, written out independently of the model code."""
     D, M = 3072, 12288
     s = {
         "img_in.weight": (D, in_channels), "img_in.bias": (D,),
