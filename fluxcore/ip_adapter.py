@@ -27,10 +27,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from fluxcore.attention import attention
-from fluxcore.controlnet import _KeepsKeys
 from fluxcore.errors import ConfigError, WeightsError
 from fluxcore.layers import DoubleStreamBlock
-from fluxcore.transforms import exact_modules
+from fluxcore.transforms import KeyPreservingWrapper, exact_modules
 
 
 class IPAdapterProjection(nn.Module):
@@ -84,7 +83,7 @@ class _IPState:
     scale: float = 1.0
 
 
-class IPAdapterBlock(_KeepsKeys):
+class IPAdapterBlock(KeyPreservingWrapper):
     """A double block plus its IP attention: (img, txt) → (img + scale · ip_attn, txt)."""
 
     def __init__(self, block: nn.Module, kv: IPAdapterKV, state: _IPState):

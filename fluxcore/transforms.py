@@ -23,3 +23,22 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, name)
     setattr(parent, name, new)
     return old
+
+
+class KeyPreservingWrapper(nn.Module):
+    """Base for a transform's wrapper around one module, held in the attribute named by `wrapped`
+    ("block" by default): the wrapper's state dict is the inner module's own, so the official keys
+    stay what they were (a wrapped `double_blocks.0` still saves `double_blocks.0.img_attn.qkv.weight`)
+    and official state dicts load into the wrapped model."""
+
+    wrapped = "block"
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        inner = getattr(self, self.wrapped)
+        return inner.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        inner = prefix + self.wrapped + "."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

@@ -24,7 +24,7 @@ from fluxcore.controlnet import (
     prepare_control_image,
     residual_index,
 )
-from fluxcore.controlnet_xlabs import XLabsControlNet, xlabs_to_diffusers_hint_key
+from fluxcore.controlnet.xlabs import XLabsControlNet, xlabs_to_diffusers_hint_key
 from fluxcore.errors import ConfigError
 from fluxcore.weights import bfl_to_diffusers
 from fluxcore.weights.io import write_safetensors

@@ -11,7 +11,7 @@ per trunk block:
                     controlnet_mode_embedder(mode). Residuals: controlnet_blocks[i](image tokens
                     after double block i), controlnet_single_blocks[j](image tokens after single
                     block j). Base block k gets residual[k // ceil(depth / n)]  ("interval").
-    XLabsControlNet (fluxcore.controlnet_xlabs; BFL key names). The condition is the control image
+    XLabsControlNet (fluxcore.controlnet.xlabs; BFL key names). The condition is the control image
                     in pixel space, [B, 3, H, W] in [-1, 1], through an 8-conv hint block (H/8),
                     packed 2x2 and pos_embed_input. Double blocks only; base double block k gets
                     residual[k % n]  ("repeat").
@@ -25,4 +25,45 @@ ControlNet on that evaluation's inputs first. Several ControlNets sum; each has 
 its own [start, end] window over the sampling steps.
 
 Shapes: B batch, L_img image tokens, L_txt text tokens, D = hidden_size.
+
+Files: model.py (the networks, the residual indexing rule), xlabs.py (the XLabs network), inject.py
+(the transform, the denoiser, the pipeline's keywords), load.py (official files).
 """
+
+from fluxcore.controlnet.inject import (
+    Control,
+    ControlledDenoiser,
+    ControlNetHandle,
+    attach_controlnets,
+    build_controls,
+    control_keep,
+    controlnet_residuals,
+    prepare_control_image,
+)
+from fluxcore.controlnet.load import load_controlnet
+from fluxcore.controlnet.model import (
+    CONTROL_MODES,
+    ControlNetOutput,
+    ControlTrunk,
+    FluxControlNet,
+    residual_index,
+)
+from fluxcore.controlnet.xlabs import XLabsControlNet
+
+__all__ = [
+    "CONTROL_MODES",
+    "Control",
+    "ControlNetHandle",
+    "ControlNetOutput",
+    "ControlTrunk",
+    "ControlledDenoiser",
+    "FluxControlNet",
+    "XLabsControlNet",
+    "attach_controlnets",
+    "build_controls",
+    "control_keep",
+    "controlnet_residuals",
+    "load_controlnet",
+    "prepare_control_image",
+    "residual_index",
+]

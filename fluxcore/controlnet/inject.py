@@ -3,20 +3,18 @@ step's residuals, the denoiser that computes them, and the pipeline's keywords â
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from fluxcore.config import FluxConfig
-from fluxcore.errors import ConfigError, WeightsError
-from fluxcore.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock
-from fluxcore.math import timestep_embedding
+from fluxcore.controlnet.model import per_sample, residual_index
+from fluxcore.errors import ConfigError
+from fluxcore.transforms import KeyPreservingWrapper
+
 # --- what the caller asks for ---------------------------------------------------------------------
 
 
@@ -86,19 +84,7 @@ def _add_to_image_tokens(h: Tensor, r: Tensor, start: int) -> Tensor:
     return torch.cat((h[:, :start], h[:, start:end] + r, h[:, end:]), dim=1)
 
 
-class _KeepsKeys(nn.Module):
-    """A wrapper whose state dict is its inner `block`'s own, so keys stay official."""
-
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        return self.block.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "block.")]:
-            state_dict[prefix + "block." + key[len(prefix) :]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-
-
-class ControlledDoubleBlock(_KeepsKeys):
+class ControlledDoubleBlock(KeyPreservingWrapper):
     """Runs `block` (whatever module sat at double_blocks.i) and adds this step's ControlNet
     residual to its image stream: img [B, L_img(+ref), D] â†’ img + r on the first L_img tokens."""
 
@@ -113,7 +99,7 @@ class ControlledDoubleBlock(_KeepsKeys):
         return (img if r is None else _add_to_image_tokens(img, r, 0)), txt
 
 
-class ControlledSingleBlock(_KeepsKeys):
+class ControlledSingleBlock(KeyPreservingWrapper):
     """Runs `block` (single_blocks.j) and adds this step's residual to the image tokens of
     x = cat(txt, img): x [B, L_txt + L_img, D]."""
 
@@ -230,8 +216,8 @@ def controlnet_residuals(
     double: list[Tensor | None] = [None] * base.depth
     single: list[Tensor | None] = [None] * base.depth_single_blocks
     b = x.shape[0]
-    t = _per_sample(sigma, b, x)
-    g = None if guidance is None else _per_sample(guidance, b, x)
+    t = per_sample(sigma, b, x)
+    g = None if guidance is None else per_sample(guidance, b, x)
     for c in controls:
         if step is not None and not c.active(step, num_steps):
             continue

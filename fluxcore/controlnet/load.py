@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from fluxcore.config import FluxConfig
-from fluxcore.errors import ConfigError, WeightsError
-from fluxcore.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock
-from fluxcore.math import timestep_embedding
-# --- loading ----------------------------------------------------------------------------------------
+from fluxcore.controlnet.model import FLUX_AXES, FluxControlNet, base_config, default_axes
+from fluxcore.controlnet.xlabs import XLabsControlNet, diffusers_hint_key, xlabs_config
+from fluxcore.errors import WeightsError
+from fluxcore.weights.flux_keys import diffusers_key_to_bfl, fused_pieces
 
 # Keys of the diffusers layout that have no counterpart in the base model; they keep their names.
 _CONTROL_PREFIXES = (
@@ -25,22 +21,6 @@ _CONTROL_PREFIXES = (
     "controlnet_x_embedder.",
     "controlnet_mode_embedder.",
 )
-_FLUX_AXES = (16, 56, 56)
-
-
-def _base_config(**fields) -> FluxConfig:
-    fields.setdefault("out_channels", fields["in_channels"])
-    return FluxConfig(**fields)
-
-
-def _default_axes(head_dim: int, axes_dim, source: str) -> tuple[int, ...]:
-    if axes_dim is not None:
-        return tuple(axes_dim)
-    if head_dim == sum(_FLUX_AXES):
-        return _FLUX_AXES
-    raise ConfigError(f"{source}: head dim {head_dim} is not FLUX's 128; pass axes_dim= (RoPE dims per axis)")
-
-
 def _diffusers_config(
     hf: dict, shapes: dict[str, tuple[int, ...]], source: str, axes_dim
 ) -> tuple[FluxConfig, dict]:
@@ -54,7 +34,7 @@ def _diffusers_config(
 
     if hf:
         heads, head_dim = hf.get("num_attention_heads", 24), hf.get("attention_head_dim", 128)
-        config = _base_config(
+        config = base_config(
             in_channels=hf.get("in_channels", 64),
             vec_in_dim=hf.get("pooled_projection_dim", 768),
             context_in_dim=hf.get("joint_attention_dim", 4096),
@@ -62,7 +42,7 @@ def _diffusers_config(
             num_heads=heads,
             depth=hf.get("num_layers", 19),
             depth_single_blocks=hf.get("num_single_layers", 38),
-            axes_dim=tuple(axes_dim or hf.get("axes_dims_rope", _FLUX_AXES)),
+            axes_dim=tuple(axes_dim or hf.get("axes_dims_rope", FLUX_AXES)),
             guidance_embed=bool(hf.get("guidance_embeds", False)),
         )
         return config, {"num_modes": hf.get("num_mode"), "hint": hf.get("conditioning_embedding_channels")}
@@ -73,7 +53,7 @@ def _diffusers_config(
         else 128
     )
     count = lambda rx: len({k.split(".")[1] for k in shapes if k.startswith(rx)})  # noqa: E731
-    config = _base_config(
+    config = base_config(
         in_channels=in_ch,
         vec_in_dim=shape("time_text_embed.text_embedder.linear_1.weight")[1],
         context_in_dim=shape("context_embedder.weight")[1],
@@ -81,7 +61,7 @@ def _diffusers_config(
         num_heads=hidden // head_dim,
         depth=count("transformer_blocks."),
         depth_single_blocks=count("single_transformer_blocks."),
-        axes_dim=_default_axes(head_dim, axes_dim, source),
+        axes_dim=default_axes(head_dim, axes_dim, source),
         guidance_embed="time_text_embed.guidance_embedder.linear_1.weight" in shapes,
     )
     modes = shapes.get("controlnet_mode_embedder.weight")
@@ -92,8 +72,6 @@ def _diffusers_config(
 def _diffusers_tensors(ckpt, hint: bool) -> Iterator[tuple[str, Tensor]]:
     """(our key, tensor) from a diffusers-layout ControlNet file, streamed; fused BFL tensors
     (qkv, linear1) are assembled from their pieces as soon as all of them were read."""
-    from fluxcore.controlnet_xlabs import diffusers_hint_key
-    from fluxcore.weights.flux_keys import diffusers_key_to_bfl, fused_pieces
 
     pending: dict[str, dict[str, Tensor]] = {}
     for key, t in ckpt.stream():
@@ -135,7 +113,6 @@ def load_controlnet(
     dtype: default the file's own (float8 is upcast to bfloat16); pass the base model's dtype.
     axes_dim: RoPE split, needed only for single files whose head dim is not FLUX's 128.
     """
-    from fluxcore.controlnet_xlabs import XLabsControlNet, xlabs_config
     from fluxcore.weights.io import load_into, open_checkpoint, read_json
 
     p = Path(path)

@@ -4,17 +4,13 @@ spreads its residuals over the base model's blocks."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from fluxcore.config import FluxConfig
-from fluxcore.errors import ConfigError, WeightsError
+from fluxcore.errors import ConfigError
 from fluxcore.layers import DoubleStreamBlock, EmbedND, MLPEmbedder, SingleStreamBlock
 from fluxcore.math import timestep_embedding
 
@@ -29,7 +25,7 @@ class ControlNetOutput(NamedTuple):
     single: tuple[Tensor, ...]
 
 
-def _per_sample(value, batch: int, like: Tensor) -> Tensor:
+def per_sample(value, batch: int, like: Tensor) -> Tensor:
     """A float or a [B] / [1] / 0-d tensor → [B] on like's device (dtype float32)."""
     t = torch.as_tensor(value, dtype=torch.float32, device=like.device).reshape(-1)
     return t.expand(batch) if t.numel() == 1 else t
@@ -205,3 +201,21 @@ def residual_index(block: int, n_blocks: int, n_residuals: int, injection: str) 
     if injection == "repeat":
         return block % n_residuals
     return block // math.ceil(n_blocks / n_residuals)
+
+
+FLUX_AXES = (16, 56, 56)
+
+
+def base_config(**fields) -> FluxConfig:
+    """A FluxConfig for a ControlNet trunk (out_channels defaults to in_channels)."""
+    fields.setdefault("out_channels", fields["in_channels"])
+    return FluxConfig(**fields)
+
+
+def default_axes(head_dim: int, axes_dim, source: str) -> tuple[int, ...]:
+    """RoPE dims per axis: as given, else FLUX's (16, 56, 56) for head dim 128, else an error."""
+    if axes_dim is not None:
+        return tuple(axes_dim)
+    if head_dim == sum(FLUX_AXES):
+        return FLUX_AXES
+    raise ConfigError(f"{source}: head dim {head_dim} is not FLUX's 128; pass axes_dim= (RoPE dims per axis)")

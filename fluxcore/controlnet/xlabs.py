@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxcore.config import FluxConfig
-from fluxcore.controlnet import ControlNetOutput, ControlTrunk, _base_config, _default_axes
+from fluxcore.controlnet.model import ControlNetOutput, ControlTrunk, base_config, default_axes
 from fluxcore.errors import ConfigError, WeightsError
 from fluxcore.latents import pack
 
@@ -106,7 +106,7 @@ def xlabs_config(
     depth = len({k.split(".")[1] for k in shapes if k.startswith("double_blocks.")})
     if any(k.startswith("single_blocks.") for k in shapes):
         raise WeightsError(f"{source}: XLabs ControlNets have no single blocks, but this file has some")
-    return _base_config(
+    return base_config(
         in_channels=in_ch,
         vec_in_dim=shape("vector_in.in_layer.weight")[1],
         context_in_dim=shape("txt_in.weight")[1],
@@ -115,7 +115,7 @@ def xlabs_config(
         num_heads=hidden // head_dim,
         depth=depth,
         depth_single_blocks=0,
-        axes_dim=_default_axes(head_dim, axes_dim, source),
+        axes_dim=default_axes(head_dim, axes_dim, source),
         qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         guidance_embed="guidance_in.in_layer.weight" in shapes,
     )
