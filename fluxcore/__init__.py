@@ -12,6 +12,7 @@ from fluxcore.attention import (
     register_backend,
     set_attention_backend,
 )
+from fluxcore.compile import compile_blocks
 from fluxcore.config import PRESETS, FluxConfig, get_config
 from fluxcore.errors import BackendError, ConfigError, FluxcoreError, WeightsError
 from fluxcore.math import apply_rope, modulate, rope, timestep_embedding
@@ -56,11 +57,22 @@ from fluxcore.sampling import (
     CFGDenoiser,
     FlowDenoiser,
     get_sampler,
-    get_schedule,
+    sample_deis,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lcm,
+    sample_uni_pc,
+)
+from fluxcore.schedules import (
+    SCHEDULERS,
+    ScheduleConfig,
+    get_schedule,
+    get_scheduler,
+    make_schedule,
     time_shift,
 )
 

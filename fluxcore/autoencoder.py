@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from fluxcore.errors import ConfigError
+from fluxcore.errors import ConfigError, NonFiniteError, nonfinite_output
 
 
 @dataclass(frozen=True)
@@ -324,6 +324,10 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(config)
         self.scale_factor = config.scale_factor
         self.shift_factor = config.shift_factor
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_sample_size = 512
+        self.tile_overlap = 0.25
 
     def _check(self, x: Tensor, channels: int, what: str, multiple: int) -> None:
         if x.ndim != 4 or x.shape[1] != channels:
@@ -338,21 +342,209 @@ class AutoEncoder(nn.Module):
     def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Unscaled (mean, logvar), each [B, z_channels, H/8, W/8]."""
         self._check(x, self.config.in_channels, "images", self.config.downsample_factor)
-        moments = self.encoder(x.to(self.dtype))
+        x = x.to(self.dtype)
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._encode_one(xi) for xi in x.split(1)])
+        else:
+            moments = self._encode_one(x)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar
 
     def encode(self, x: Tensor) -> Tensor:
         mean, _ = self.encode_moments(x)
-        return self.scale_factor * (mean - self.shift_factor)
+        z = self.scale_factor * (mean - self.shift_factor)
+        if not bool(torch.isfinite(z).all()):
+            raise NonFiniteError(nonfinite_output(self, "encode", x, z))
+        return z
 
     def decode(self, z: Tensor) -> Tensor:
         self._check(z, self.config.z_channels, "latents", 1)
         z = z.to(self.dtype) / self.scale_factor + self.shift_factor
-        return self.decoder(z)
+        if self.use_slicing and z.shape[0] > 1:
+            out = torch.cat([self._decode_one(zi) for zi in z.split(1)])
+        else:
+            out = self._decode_one(z)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(nonfinite_output(self, "decode", z, out))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+    # --- memory: slicing and tiling -------------------------------------------------------------
+    #
+    # Slicing runs a batch one image at a time. Tiling runs the network on overlapping tiles of
+    # `tile_sample_size` pixels, `tile_overlap` of a tile shared with each neighbour, and blends the
+    # overlaps linearly (a weighted average whose weights ramp across the overlap), so the compute
+    # device holds one tile's activations whatever the image size. Images no larger than a tile are
+    # not tiled.
+    #
+    # GroupNorm normalises over the whole image, so a tile normalised on its own statistics drifts
+    # in colour and contrast. Decoding with `shared_norm=True` (the default) avoids that: the
+    # latent-resolution part (conv_in and the mid block with its attention, small) runs untiled,
+    # then all tiles advance through the upsampling path together, one step at a time, and every
+    # GroupNorm uses statistics gathered over the whole image (each pixel counted once, from the
+    # tile that owns it). Away from seams the result then equals the untiled decode up to the
+    # tiles' zero padding; between steps the tiles' activations wait on the CPU when the decoder
+    # is on a GPU (host memory about one full-resolution activation). `shared_norm=False` and
+    # tiled encoding normalise per tile (the usual tiled VAE: the least memory anywhere).
+
+    def enable_tiling(
+        self, tile_sample_size: int | None = None, tile_overlap: float | None = None, shared_norm: bool = True
+    ) -> None:
+        """Decode and encode in overlapping tiles of `tile_sample_size` pixels (a multiple of the
+        downsample factor, default 512), `tile_overlap` of a tile (in [0, 0.5), default 0.25)."""
+        if tile_sample_size is not None:
+            f = self.config.downsample_factor
+            if tile_sample_size % f or tile_sample_size < 2 * f:
+                raise ValueError(
+                    f"tile_sample_size must be a multiple of {f} and at least {2 * f}, got {tile_sample_size}"
+                )
+            self.tile_sample_size = int(tile_sample_size)
+        if tile_overlap is not None:
+            if not 0 <= tile_overlap < 0.5:
+                raise ValueError(f"tile_overlap must be in [0, 0.5), got {tile_overlap}")
+            self.tile_overlap = float(tile_overlap)
+        self.shared_norm = bool(shared_norm)
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def _decode_one(self, z: Tensor) -> Tensor:
+        if not self.use_tiling:
+            return self.decoder(z)
+        tile = self.tile_sample_size // self.config.downsample_factor
+        if getattr(self, "shared_norm", True) and not any(len(level.attn) for level in self.decoder.up):
+            return self._decode_shared_norm(z, tile)
+        return self._tiled(self.decoder, z, tile, self.config.downsample_factor)
+
+    def _encode_one(self, x: Tensor) -> Tensor:
+        if not self.use_tiling:
+            return self.encoder(x)
+        return self._tiled(self.encoder, x, self.tile_sample_size, 1 / self.config.downsample_factor)
+
+    def _grid(self, n: int, tile: int) -> list[int]:
+        """Tile starts along one axis of n input pixels; the last tile ends at n."""
+        if n <= tile:
+            return [0]
+        stride = max(1, tile - int(tile * self.tile_overlap))
+        return [*range(0, n - tile, stride), n - tile]
+
+    def _blend(self, outs, rows, cols, tile, n_rows, n_cols, scale) -> Tensor:
+        """Weighted average of tile outputs (outs[i][j] at rows[i], cols[j], in input pixels):
+        weights rise linearly over the overlap from a tile's inner edges, never reach 0."""
+        ov = max(1, int(int(tile * self.tile_overlap) * scale))
+
+        def ramp(start, size, n, device):
+            w = torch.ones(int(size * scale), device=device)
+            r = (torch.arange(ov, device=device, dtype=torch.float32) + 0.5) / ov
+            if start > 0:
+                w[:ov] = torch.minimum(w[:ov], r[: w.numel()])
+            if start + size < n:
+                w[-ov:] = torch.minimum(w[-ov:], r.flip(0)[-w.numel() :])
+            return w
+
+        out = weight = None
+        for i, top in enumerate(rows):
+            for j, left in enumerate(cols):
+                y = outs[i][j].float()
+                if out is None:
+                    out = torch.zeros(*y.shape[:2], int(n_rows * scale), int(n_cols * scale), device=y.device)
+                    weight = torch.zeros(out.shape[-2:], device=y.device)
+                th, tw = min(tile, n_rows), min(tile, n_cols)
+                w = ramp(top, th, n_rows, y.device)[:, None] * ramp(left, tw, n_cols, y.device)[None, :]
+                t0, l0 = int(top * scale), int(left * scale)
+                out[..., t0 : t0 + y.shape[-2], l0 : l0 + y.shape[-1]] += y * w
+                weight[t0 : t0 + y.shape[-2], l0 : l0 + y.shape[-1]] += w
+        return out / weight
+
+    def _tiled(self, net: nn.Module, x: Tensor, tile: int, scale: float) -> Tensor:
+        """net over overlapping tile × tile crops of x, blended; `scale` = output px per input px."""
+        H, W = x.shape[-2:]
+        if H <= tile and W <= tile:
+            return net(x)
+        rows, cols = self._grid(H, tile), self._grid(W, tile)
+        outs = [[net(x[..., t : t + tile, l : l + tile]) for l in cols] for t in rows]
+        return self._blend(outs, rows, cols, tile, H, W, scale).to(x.dtype)
+
+    def _decode_shared_norm(self, z: Tensor, tile: int) -> Tensor:
+        dec = self.decoder
+        h = dec.mid(dec.conv_in(z)).to(dec.conv_out.weight.dtype)  # latent resolution: untiled
+        H, W = h.shape[-2:]
+        if H <= tile and W <= tile:
+            return dec(z)
+        rows, cols = self._grid(H, tile), self._grid(W, tile)
+        store = torch.device("cpu") if h.device.type != "cpu" else h.device
+        dev = h.device
+
+        def owned(starts, n):  # per tile, the [a, b) of the axis it counts in the statistics
+            cuts = [(starts[i + 1] + starts[i] + min(tile, n)) // 2 for i in range(len(starts) - 1)]
+            return list(zip([0, *cuts], [*cuts, n]))
+
+        own_r, own_c = owned(rows, H), owned(cols, W)
+        xs = [[h[..., t : t + tile, l : l + tile].to(store) for l in cols] for t in rows]
+        scale = 1
+
+        def each(fn, *grids):
+            return [
+                [fn(*(g[i][j].to(dev) for g in grids)).to(store) for j in range(len(cols))]
+                for i in range(len(rows))
+            ]
+
+        def norm(gn: nn.GroupNorm, grid):
+            G = gn.num_groups
+            total = sq = count = 0
+            for i, (a, b) in enumerate(own_r):
+                for j, (c, d) in enumerate(own_c):
+                    x = grid[i][j].to(dev)
+                    r0, c0 = (a - rows[i]) * scale, (c - cols[j]) * scale
+                    part = x[..., r0 : r0 + (b - a) * scale, c0 : c0 + (d - c) * scale].double()
+                    part = part.reshape(part.shape[0], G, -1)
+                    total = total + part.sum(-1)
+                    sq = sq + (part * part).sum(-1)
+                    count += part.shape[-1]
+            mean = total / count
+            rstd = torch.rsqrt((sq / count - mean * mean).clamp(min=0) + gn.eps)
+
+            def apply(x):
+                B, C = x.shape[:2]
+                y = (x.double().reshape(B, G, -1) - mean[..., None]) * rstd[..., None]
+                y = (
+                    y.reshape(x.shape).float() * gn.weight.float()[:, None, None]
+                    + gn.bias.float()[:, None, None]
+                )
+                return y.to(x.dtype)
+
+            return each(apply, grid)
+
+        for level in reversed(dec.up):
+            for block in level.block:
+                hs = norm(block.norm1, xs)
+                hs = each(lambda a, blk=block: blk.conv1(swish(a)), hs)
+                hs = norm(block.norm2, hs)
+                hs = each(lambda a, blk=block: blk.conv2(swish(a)), hs)
+                xs = each(
+                    lambda x, y, blk=block: (
+                        (blk.nin_shortcut(x) if blk.in_channels != blk.out_channels else x) + y
+                    ),
+                    xs,
+                    hs,
+                )
+            if hasattr(level, "upsample"):
+                xs = each(level.upsample, xs)
+                scale *= 2
+        xs = norm(dec.norm_out, xs)
+        xs = each(lambda a: dec.conv_out(swish(a)), xs)
+        outs = [[x.to(dev) for x in row] for row in xs]
+        return self._blend(outs, rows, cols, tile, H, W, scale).to(h.dtype)
 
     @property
     def dtype(self) -> torch.dtype:

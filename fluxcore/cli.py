@@ -1,19 +1,29 @@
 """The `fluxcore` command.
 
-    fluxcore generate "a cat on mars" --model PATH [--steps N --guidance G --seed S --width W
-                      --height H --sampler NAME --out FILE.png ...]
+    fluxcore generate "a cat on mars" [--model PATH|HUB_ID] [--steps N --guidance G --seed S --width W
+                      --height H --sampler NAME --scheduler NAME --num-images K --out FILE.png ...]
+                      [--image IN.png --strength 0.6 | --mask MASK.png | --control-image EDGES.png]
     fluxcore info PATH
+    fluxcore --version
 
-`generate` writes a PNG whose text chunks hold the prompt and every generation setting (one chunk
-per setting, plus "parameters" with all of them as JSON). Without --model it uses the demo model
-shipped in fluxcore/assets/flux-tiny/. Misuse exits with status 2 and one line on stderr.
+`generate` writes PNGs whose text chunks hold the prompt and every setting (one chunk per setting,
+"parameters" in the AUTOMATIC1111 form other tools read, and "fluxcore" with all of them as JSON).
+Without --model it uses the demo model shipped in fluxcore/assets/flux-tiny/ (64x64 defaults,
+which also apply when --model names that folder). An existing file is never overwritten unless
+--overwrite: the next free numbered name is used. Files are written atomically (a temporary file in
+the target folder, fsync, rename), and the output folder is checked before anything is loaded.
+Misuse exits with status 2 and one line on stderr; an unexpected error prints one line and a hint
+to re-run with --debug (which shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -53,30 +63,71 @@ def _seed(text):
     return value
 
 
+def _strength(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _version() -> str:
+    import fluxcore
+
+    return f"fluxcore {fluxcore.__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fluxcore.sampling import SAMPLERS
+    from fluxcore.schedules import SCHEDULERS
 
     parser = _Parser(prog="fluxcore", description="FLUX.1 image generation with fluxcore.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="generate an image from a prompt")
+    g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("prompt", help="the text prompt")
     g.add_argument(
-        "--model", help=f"model folder (Hugging Face snapshot or BFL files); default: {DEMO_MODEL}"
+        "--model", help=f"model folder (snapshot or BFL files) or Hugging Face Hub id; default: {DEMO_MODEL}"
     )
     g.add_argument("--steps", type=_positive(int), help="sampling steps (default 4 schnell, 28 otherwise)")
     g.add_argument(
         "--guidance", type=float, default=3.5, help="distilled guidance (dev-type models; default 3.5)"
     )
-    g.add_argument("--seed", type=_seed, help="noise seed (default: random, recorded in the PNG)")
+    g.add_argument(
+        "--seed", type=_seed, help="noise seed of the first image (default: random; image k uses seed + k)"
+    )
+    g.add_argument("--num-images", type=_positive(int), default=1, help="images to generate (default 1)")
     g.add_argument("--width", type=_positive(int), default=None, help="pixels (default 1024; demo model 64)")
     g.add_argument("--height", type=_positive(int), default=None, help="pixels (default 1024; demo model 64)")
     g.add_argument("--sampler", default="euler", choices=list(SAMPLERS), help="sampler (default euler)")
+    g.add_argument(
+        "--scheduler", default="simple", choices=list(SCHEDULERS), help="schedule (default simple: FLUX's)"
+    )
+    g.add_argument(
+        "--image", help="input image: img2img (with --strength), Fill (with --mask) or the Kontext reference"
+    )
+    g.add_argument(
+        "--strength", type=_strength, default=None, help="img2img strength in (0, 1] (default 0.6)"
+    )
+    g.add_argument("--mask", help="Fill models: mask image, white = generate (needs --image)")
+    g.add_argument(
+        "--kontext-resize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Kontext: encode the reference at the closest trained ~1 MP size (default) or as it is",
+    )
+    g.add_argument("--control-image", help="Canny/Depth models: the edge or depth map")
     g.add_argument("--out", default=None, help="output PNG file (default fluxcore-<seed>.png)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file (default: a numbered name)"
+    )
     g.add_argument("--negative-prompt", default=None, help="negative prompt (needs --true-cfg > 1)")
     g.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale; > 1 doubles the cost")
     g.add_argument(
-        "--max-sequence-length", type=_positive(int), default=None, help="T5 tokens (default 256/512)"
+        "--max-sequence-length", type=_positive(int), default=None, help="T5 tokens (default 256/512; capped)"
     )
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     g.add_argument(
@@ -88,33 +139,142 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offload", action="store_true", help="keep models on the CPU, move each stage to the GPU as it runs"
     )
+    g.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
     i = sub.add_parser("info", help="describe a checkpoint file or folder (headers only)")
     i.add_argument("path")
+    i.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return parser
+
+
+# --- output files -------------------------------------------------------------------------------
+
+
+def _numbered(path: Path, taken: set[Path]) -> Path:
+    """`path` if it is free, else the first free `stem-N.png` (N = 1, 2, ...)."""
+    candidate, n = path, 0
+    while candidate.exists() or candidate in taken:
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def plan_outputs(out: Path | None, seeds: list[int], overwrite: bool) -> list[Path]:
+    """The file each image goes to, checked before anything is loaded: the folder must exist (or be
+    creatable) and be writable, no target may be a folder, and an existing file is replaced only
+    with `overwrite` (else the next numbered name)."""
+    if out is None:
+        wanted = [Path(f"fluxcore-{s}.png") for s in seeds]
+    elif len(seeds) == 1:
+        wanted = [out]
+    else:
+        wanted = [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(seeds))]
+    folder = wanted[0].parent.resolve()
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise _UsageError(f"fluxcore: --out folder {folder} cannot be created ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _UsageError(f"fluxcore: cannot write to {existing} (permission denied)")
+    paths: list[Path] = []
+    for p in wanted:
+        if p.is_dir():
+            raise _UsageError(f"fluxcore: --out {p} is a folder; name a .png file")
+        if p.exists() and not overwrite:
+            p = _numbered(p, set(paths))
+        paths.append(p)
+    return paths
+
+
+def write_atomically(image, path: Path, pnginfo) -> None:
+    """Save a PIL image as PNG to `path` so that a crash leaves either the old file or the new one:
+    a temporary file in the same folder, flushed and fsync'ed, then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def a1111_parameters(s: dict) -> str:
+    """The AUTOMATIC1111 "parameters" text other image tools parse: prompt, negative prompt, then
+    `Key: value` pairs on one line."""
+    lines = [s["prompt"]]
+    if s.get("negative_prompt"):
+        lines.append(f"Negative prompt: {s['negative_prompt']}")
+    pairs = {
+        "Steps": s["steps"], "Sampler": s["sampler"], "Schedule type": s["scheduler"],
+        "CFG scale": s["true_cfg"], "Distilled CFG Scale": s["guidance"], "Seed": s["seed"],
+        "Size": f"{s['width']}x{s['height']}", "Model": Path(str(s["model"])).name or s["model"],
+        "Denoising strength": s.get("strength"), "Version": s["fluxcore_version"],
+    }  # fmt: skip
+    lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items() if v not in (None, "")))
+    return "\n".join(lines)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _progress(message: str) -> float:
+    # on stdout: stderr carries only warnings and the one line of an error
+    print(f"fluxcore: {message}", flush=True)
+    return time.perf_counter()
+
+
+def _open_image(path, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise _UsageError(f"fluxcore: {flag} {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise _UsageError(f"fluxcore: {flag} {path}: not an image ({e})") from None
+
+
+def _is_demo(model: Path) -> bool:
+    try:
+        return DEMO_MODEL.is_dir() and model.resolve() == DEMO_MODEL.resolve()
+    except OSError:
+        return False
 
 
 def _generate(args) -> int:
     import random
 
     import torch
-    from PIL.PngImagePlugin import PngInfo
 
-    import fluxcore
-    from fluxcore.pipeline import FluxPipeline
+    from fluxcore.weights.hub import is_hub_id
 
-    model = Path(args.model) if args.model else DEMO_MODEL
     if args.model is None and not DEMO_MODEL.is_dir():
         raise _UsageError(
             f"fluxcore: no --model given and the demo model {DEMO_MODEL} is not installed; pass --model PATH"
         )
-    if not model.is_dir():
-        raise _UsageError(f"fluxcore: --model {model}: no such folder")
+    model = Path(args.model) if args.model else DEMO_MODEL
+    if not model.is_dir() and not is_hub_id(args.model):
+        raise _UsageError(f"fluxcore: --model {model}: no such folder (nor a Hugging Face Hub id owner/name)")
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() != ".png":
         raise _UsageError(f"fluxcore: --out must name a .png file, got {out}")
     if args.negative_prompt is not None and args.true_cfg <= 1:
         raise _UsageError("fluxcore: --negative-prompt needs --true-cfg > 1 (e.g. --true-cfg 4)")
+    if args.mask is not None and args.image is None:
+        raise _UsageError("fluxcore: --mask needs --image (the image to fill)")
+    if args.strength is not None and args.image is None:
+        raise _UsageError("fluxcore: --strength needs --image (img2img)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -123,17 +283,39 @@ def _generate(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError("fluxcore: --device cuda asked for, but no CUDA device is available")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    images_in = {
+        "image": _open_image(args.image, "--image") if args.image else None,
+        "mask_image": _open_image(args.mask, "--mask") if args.mask else None,
+        "control_image": _open_image(args.control_image, "--control-image") if args.control_image else None,
+    }
 
-    small = args.model is None  # the demo model is tiny: default to a tiny image
-    width = args.width or (64 if small else 1024)
-    height = args.height or (64 if small else 1024)
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    small = _is_demo(model)  # the demo model is tiny: default to a tiny image
+    width = args.width or (64 if small else None)
+    height = args.height or (64 if small else None)
+    first = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32 - args.num_images)
+    seeds = [first + k for k in range(args.num_images)]
+    from fluxcore.images import check_side
 
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            check_side(name, value, stacklevel=2)
+    if args.max_sequence_length is not None and args.max_sequence_length > 512:
+        raise _UsageError(
+            f"fluxcore: --max-sequence-length must be <= 512 (T5's), got {args.max_sequence_length}"
+        )
+    paths = plan_outputs(out, seeds, args.overwrite)  # before loading anything
+
+    from PIL.PngImagePlugin import PngInfo
+
+    import fluxcore
+    from fluxcore.pipeline import FluxPipeline
+
+    t0 = _progress(f"loading {model} ...")
+    load_device = "cpu" if args.offload else device
+    pipe = FluxPipeline.from_pretrained(args.model or model, torch_dtype=dtype, device=load_device)
     if args.offload:
-        pipe = FluxPipeline.from_pretrained(model, torch_dtype=dtype, device="cpu")
-        pipe.enable_model_cpu_offload(device)
-    else:
-        pipe = FluxPipeline.from_pretrained(model, torch_dtype=dtype, device=device)
+        pipe.enable_model_cpu_offload(device=device)
+    t1 = _progress(f"loaded in {time.perf_counter() - t0:.1f} s; sampling {args.num_images} image(s) ...")
     result = pipe(
         args.prompt,
         height=height,
@@ -141,37 +323,53 @@ def _generate(args) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length,
-        generator=seed,
+        generator=seeds,
+        num_images_per_prompt=args.num_images,
         sampler=args.sampler,
+        scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg,
+        strength=args.strength,
+        kontext_auto_resize=args.kontext_resize,
+        output_type="latent",
+        **{k: v for k, v in images_in.items() if v is not None},
     )
-    image = result.images[0]
-    settings = {
-        "prompt": args.prompt,
-        "model": str(model),
-        "variant": str(getattr(pipe.transformer, "variant", "")),
-        "seed": seed,
-        "steps": result.info["num_inference_steps"],
-        "guidance": args.guidance,
-        "width": result.info["width"],
-        "height": result.info["height"],
-        "sampler": args.sampler,
-        "max_sequence_length": args.max_sequence_length or pipe.default_max_sequence_length(),
-        "negative_prompt": args.negative_prompt or "",
-        "true_cfg": args.true_cfg,
-        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-        "device": str(device),
-        "fluxcore_version": fluxcore.__version__,
-    }
-    meta = PngInfo()
-    for key, value in settings.items():
-        meta.add_text(key, str(value))
-    meta.add_text("parameters", json.dumps(settings))
-    out = out or Path(f"fluxcore-{seed}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG", pnginfo=meta)
-    print(f"wrote {out} ({image.width}x{image.height}, seed {seed})")
+    t2 = _progress(f"sampled in {time.perf_counter() - t1:.1f} s; decoding ...")
+    info = result.info
+    images = pipe.decode(result.images, info["height"], info["width"])
+    _progress(f"decoded in {time.perf_counter() - t2:.1f} s")
+    msl = pipe.cap_max_sequence_length(args.max_sequence_length) if args.max_sequence_length else None
+    for image, seed, path in zip(images, seeds, paths):
+        settings = {
+            "prompt": args.prompt,
+            "model": str(args.model or model),
+            "variant": str(getattr(pipe.transformer, "variant", "")),
+            "seed": seed,
+            "steps": info["num_inference_steps"],
+            "guidance": args.guidance,
+            "width": info["width"],
+            "height": info["height"],
+            "sampler": args.sampler,
+            "scheduler": args.scheduler,
+            "max_sequence_length": msl or pipe.default_max_sequence_length(),
+            "negative_prompt": args.negative_prompt or "",
+            "true_cfg": args.true_cfg,
+            "image": args.image or "",
+            "strength": args.strength if args.image and pipe.mode == "text" else None,
+            "mask": args.mask or "",
+            "control_image": args.control_image or "",
+            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+            "device": str(device),
+            "fluxcore_version": fluxcore.__version__,
+        }
+        meta = PngInfo()
+        for key, value in settings.items():
+            if value not in (None, ""):
+                meta.add_text(key, str(value))
+        meta.add_text("parameters", a1111_parameters(settings))
+        meta.add_text("fluxcore", json.dumps(settings))
+        write_atomically(image, path, meta)
+        print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     return 0
 
 
@@ -188,10 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     from fluxcore.errors import ConfigError, FluxcoreError, WeightsError
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"fluxcore: warning: {message}", file=sys.stderr if file is None else file)
+        text = " ".join(str(message).split())
+        print(f"fluxcore: warning: {text}", file=sys.stderr if file is None else file)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
+        if args.version:
+            print(_version())
+            return 0
+        if args.command is None:
+            raise _UsageError("fluxcore: the following arguments are required: command (generate or info)")
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
             return _generate(args) if args.command == "generate" else _info(args)
@@ -199,14 +405,23 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     except (ConfigError, WeightsError) as e:
-        print(f"fluxcore: error: {e}", file=sys.stderr)
+        print(f"fluxcore: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except FluxcoreError as e:
-        print(f"fluxcore: error: {e}", file=sys.stderr)
+        print(f"fluxcore: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fluxcore: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an unexpected error: one line, never a traceback unless asked
+        if debug:
+            raise
+        what = " ".join(str(e).split())[:300]
+        print(
+            f"fluxcore: unexpected error: {type(e).__name__}: {what} (re-run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ configurations for tests and experiments on a CPU.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from fluxcore.errors import ConfigError
@@ -31,7 +32,8 @@ class FluxConfig:
     context_in_dim: text token width (T5-XXL: 4096).
     hidden_size, num_heads: width and heads; head dim = hidden_size / num_heads = sum(axes_dim).
     depth, depth_single_blocks: number of double- and single-stream blocks.
-    axes_dim: RoPE dims per position axis (index, row, col); theta: RoPE base.
+    axes_dim: RoPE dims per position axis (index, row, col); theta: RoPE base (10 000 in every
+                  official variant; an int or a float, kept exactly as given).
     guidance_embed: the model takes a distilled guidance strength (dev-type) or not (schnell).
     """
 
@@ -45,7 +47,7 @@ class FluxConfig:
     depth: int = 19
     depth_single_blocks: int = 38
     axes_dim: tuple[int, ...] = (16, 56, 56)
-    theta: int = 10_000
+    theta: int | float = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True
 
@@ -69,6 +71,13 @@ class FluxConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.depth < 0:
             raise ConfigError(f"depth must be >= 0, got {self.depth}")
+        if (
+            isinstance(self.theta, bool)
+            or not isinstance(self.theta, (int, float))
+            or not math.isfinite(self.theta)
+            or self.theta <= 1
+        ):
+            raise ConfigError(f"theta (the RoPE base) must be a finite number > 1, got {self.theta!r}")
 
     @property
     def head_dim(self) -> int:

@@ -1,7 +1,9 @@
 """Images in and out of the pipeline: PIL images or tensors → float tensors, decoded tensors → outputs.
 
 Inside fluxcore an image is float32 [B, 3, H, W] in [−1, 1] (the autoencoder's range) and a mask
-is float32 [B, 1, H, W] in [0, 1] with 1 = the region to generate. PIL and numpy are imported
+is float32 [B, 1, H, W] in [0, 1] with 1 = the region to generate. Inputs follow diffusers'
+conventions: PIL images, numpy arrays and tensors in [0, 1] (tensors/arrays with negative values
+are taken as [−1, 1]), or lists of them. PIL and numpy are imported
 lazily: importing fluxcore does not need them.
 """
 
@@ -36,69 +38,140 @@ def check_side(name: str, value, stacklevel: int = 5) -> int:
     return rounded
 
 
+def _is_pil(image) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        return False
+    return isinstance(image, Image.Image)
+
+
 def image_size(image) -> tuple[int, int]:
-    """(width, height) of a PIL image or a [..., H, W] tensor."""
+    """(width, height) of an image input: a PIL image, a [..., H, W] tensor, a numpy array
+    [H, W], [H, W, C] or [B, H, W, C], or a non-empty list of those (its first item)."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ConfigError("an image list must not be empty")
+        return image_size(image[0])
     if isinstance(image, Tensor):
         return int(image.shape[-1]), int(image.shape[-2])
-    return image.size
+    if _is_pil(image):
+        return image.size
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) in (2, 3, 4):
+        if len(shape) == 2:
+            return int(shape[1]), int(shape[0])
+        return (
+            (int(shape[-2]), int(shape[-3])) if shape[-1] in (1, 3, 4) else (int(shape[-1]), int(shape[-2]))
+        )
+    raise ConfigError(f"expected a PIL image, numpy array or torch tensor; got {type(image).__name__}")
+
+
+def _to_unit_batch(image, what: str, channels: int) -> Tensor | list:
+    """Tensors and numpy arrays (and lists of them) → float32 [B, C, H, W] as given (diffusers'
+    `VaeImageProcessor`: numpy [H, W, C] / [B, H, W, C], tensors [C, H, W] / [B, C, H, W]; lists are
+    concatenated along the batch). A list of PIL images comes back as that list."""
+    import numpy as np
+
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ConfigError(f"{what}: an empty list")
+    if all(_is_pil(i) for i in items):
+        return items
+    out = []
+    for item in items:
+        if isinstance(item, np.ndarray):
+            a = torch.from_numpy(np.ascontiguousarray(item)).float()
+            if a.ndim == 2:
+                a = a[None, ..., None]
+            elif a.ndim == 3:
+                a = a[None] if a.shape[-1] in (1, 3, 4) else a[..., None]
+            if a.ndim != 4:
+                raise ConfigError(f"{what} array must be [H, W], [H, W, C] or [B, H, W, C]; got {item.shape}")
+            out.append(a.permute(0, 3, 1, 2))
+        elif isinstance(item, Tensor):
+            t = item.float()
+            if t.ndim == 2:
+                t = t[None, None]
+            elif t.ndim == 3:
+                t = t[None] if channels == 3 or t.shape[0] in (1, 3) else t[:, None]
+            if t.ndim != 4:
+                raise ConfigError(f"{what} tensor must be [C, H, W] or [B, C, H, W]; got {tuple(item.shape)}")
+            out.append(t.cpu())
+        else:
+            raise ConfigError(
+                f"{what} must be a PIL image, a numpy array, a torch tensor or a list of them; got "
+                f"{type(item).__name__}"
+            )
+    if len({tuple(t.shape[1:]) for t in out}) > 1:
+        raise ConfigError(
+            f"{what}: the list's arrays/tensors differ in shape: {[tuple(t.shape) for t in out]}"
+        )
+    return torch.cat(out)
 
 
 def to_rgb_tensor(image, width: int, height: int, what: str = "image") -> Tensor:
-    """PIL image or tensor [3, H, W] / [B, 3, H, W] in [−1, 1] → float32 [B, 3, height, width] in
-    [−1, 1]. PIL images are resized with Lanczos (as the reference does); tensors must match.
-    `what` names the argument in errors."""
-    if isinstance(image, Tensor):
-        x = image[None] if image.ndim == 3 else image
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ConfigError(
-                f"{what} tensor must be [3, H, W] or [B, 3, H, W] in [-1, 1]; got {tuple(image.shape)}"
-            )
-        if tuple(x.shape[-2:]) != (height, width):
-            raise ConfigError(
-                f"{what} tensor is {x.shape[-1]}x{x.shape[-2]} (WxH); expected {width}x{height}"
-            )
-        lo, hi = x.min().item(), x.max().item()
-        if lo < -1 - 1e-3 or hi > 1 + 1e-3:
-            raise ConfigError(f"{what} tensor values must lie in [-1, 1]; found [{lo:.4g}, {hi:.4g}]")
-        return x.float()
-    import numpy as np
-    from PIL import Image
+    """An image input → float32 [B, 3, height, width] in [−1, 1], as diffusers' VaeImageProcessor:
 
-    if not isinstance(image, Image.Image):
-        raise ConfigError(f"{what} must be a PIL image or a torch tensor; got {type(image).__name__}")
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-    x = torch.from_numpy(np.array(image)).float() / 127.5 - 1.0
-    return x.permute(2, 0, 1)[None]
+    * PIL images (or a list): RGB, resized with Lanczos, /255, then 2x − 1;
+    * numpy arrays [H, W, 3] / [B, H, W, 3] and tensors [3, H, W] / [B, 3, H, W] (or lists of them):
+      values in [0, 1], mapped by 2x − 1 — unless the minimum is below 0, when they are taken to be
+      in [−1, 1] already (diffusers' rule); resized with nearest-neighbour interpolation when the
+      size differs (torch's `interpolate` default, as diffusers).
+    Values outside [−1, 1] are refused. `what` names the argument in errors."""
+    import numpy as np
+
+    batch = _to_unit_batch(image, what, 3)
+    if isinstance(batch, list):  # PIL
+        from PIL import Image
+
+        arrays = []
+        for im in batch:
+            im = im.convert("RGB")
+            if im.size != (width, height):
+                im = im.resize((width, height), Image.Resampling.LANCZOS)
+            arrays.append(np.array(im).astype(np.float32) / 255.0)
+        return 2.0 * torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) - 1.0
+    if batch.shape[1] != 3:
+        raise ConfigError(
+            f"{what} must have 3 channels (RGB); got shape {tuple(batch.shape)} as [B, C, H, W]"
+        )
+    lo, hi = batch.min().item(), batch.max().item()
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ConfigError(
+            f"{what} values must lie in [0, 1] (or [-1, 1]) as in diffusers; found [{lo:.4g}, {hi:.4g}]"
+        )
+    if tuple(batch.shape[-2:]) != (height, width):
+        batch = torch.nn.functional.interpolate(batch, size=(height, width))
+    return batch if lo < 0 else 2.0 * batch - 1.0
 
 
 def to_mask_tensor(mask, width: int, height: int) -> Tensor:
-    """PIL image (grayscale 0–255) or tensor [H, W] / [B, H, W] / [B, 1, H, W] in [0, 1] → float32
-    [B, 1, height, width] in [0, 1]; 1 = the region to generate."""
-    if isinstance(mask, Tensor):
-        m = mask.reshape(1, 1, *mask.shape) if mask.ndim == 2 else mask
-        if m.ndim == 3:
-            m = m[:, None]
-        if tuple(m.shape[-2:]) != (height, width):
-            raise ConfigError(
-                f"mask_image tensor is {m.shape[-1]}x{m.shape[-2]} (WxH); expected {width}x{height}"
-            )
-        lo, hi = m.min().item(), m.max().item()
-        if lo < 0 or hi > 1:
-            raise ConfigError(
-                f"mask_image tensor values must lie in [0, 1] (1 = generate); found [{lo:.4g}, {hi:.4g}]"
-            )
-        return m.float()
+    """A mask input → float32 [B, 1, height, width] in [0, 1]; 1 = the region to generate.
+    PIL images: grayscale /255, resized with Lanczos (the reference's Fill preparation; not
+    binarised). Arrays and tensors ([H, W], [B, H, W], [B, 1, H, W], numpy [H, W, 1], lists): values
+    in [0, 1] (never rescaled), nearest-neighbour resized to the output size."""
     import numpy as np
-    from PIL import Image
 
-    if not isinstance(mask, Image.Image):
-        raise ConfigError(f"mask_image must be a PIL image or a torch tensor; got {type(mask).__name__}")
-    mask = mask.convert("L")
-    if mask.size != (width, height):
-        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
-    return (torch.from_numpy(np.array(mask)).float() / 255.0)[None, None]
+    batch = _to_unit_batch(mask, "mask_image", 1)
+    if isinstance(batch, list):
+        from PIL import Image
+
+        arrays = []
+        for im in batch:
+            im = im.convert("L")
+            if im.size != (width, height):
+                im = im.resize((width, height), Image.Resampling.LANCZOS)
+            arrays.append(np.array(im).astype(np.float32) / 255.0)
+        return torch.from_numpy(np.stack(arrays))[:, None]
+    if batch.shape[1] != 1:
+        raise ConfigError(f"mask_image must have 1 channel; got shape {tuple(batch.shape)} as [B, C, H, W]")
+    lo, hi = batch.min().item(), batch.max().item()
+    if lo < 0 or hi > 1:
+        raise ConfigError(f"mask_image values must lie in [0, 1] (1 = generate); found [{lo:.4g}, {hi:.4g}]")
+    if tuple(batch.shape[-2:]) != (height, width):
+        batch = torch.nn.functional.interpolate(batch, size=(height, width))
+    return batch
 
 
 def to_pil(images: Tensor) -> list:

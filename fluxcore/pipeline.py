@@ -1,6 +1,6 @@
-"""FluxPipeline: prompt → image, with the call keywords of diffusers' FluxPipeline.
+"""FluxPipeline: prompt → image, with the call keywords and component names of diffusers' FluxPipeline.
 
-    pipe = FluxPipeline.from_pretrained("FLUX.1-schnell", torch_dtype=torch.bfloat16, device="cuda")
+    pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", torch_dtype=torch.bfloat16)
     image = pipe("a cat on mars", num_inference_steps=4, generator=0).images[0]
 
 A call runs the reference's recipe as five stages, each a method that can be called alone:
@@ -14,7 +14,7 @@ A call runs the reference's recipe as five stages, each a method that can be cal
 The conditioning mode is the model's (`FluxPipeline.mode`): "fill" takes `image` + `mask_image`,
 "control" (Canny/Depth) takes `control_image`, "kontext" takes `image` as the reference, and
 "text" takes `image` for img2img (`strength`). Redux image embeddings (`image_embeds`, after
-`load_redux`) add text tokens in any mode.
+`load_redux`) add text tokens in any mode. Argument checks live in `fluxcore.pipeline_inputs`.
 """
 
 from __future__ import annotations
@@ -23,98 +23,65 @@ import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from fluxcore.conditioning import (
     append_redux,
-    check_inputs,
     control_inputs,
     fill_inputs,
     img2img_inputs,
     img2img_start,
     kontext_inputs,
-    kontext_size,
     load_redux,
     redux_inputs,
 )
-from fluxcore.errors import ConfigError, FluxcoreError, WeightsError
-from fluxcore.images import check_output_type, check_side, to_output
+from fluxcore.errors import ConfigError, FluxcoreError
+from fluxcore.images import check_output_type, to_output
 from fluxcore.latents import draw_noise, image_seq_len, make_img_ids, unpack
-from fluxcore.sampling import (
-    CFGDenoiser,
-    FlowDenoiser,
-    ScheduleConfig,
-    get_sampler,
-    get_schedule,
-    nan_guard,
+from fluxcore.pipeline_inputs import (
+    Scheduler,
+    apply_kernels,
+    cap_sequence_length,
+    lora_scale,
+    noise_generators,
+    repeat_embeds,
+    step_end_hook,
+    validate,
 )
-from fluxcore.weights.io import default_dtype, read_json
-
-_PARTS = {
-    "text_encoder": "CLIP text encoder folder text_encoder/ (config.json + model.safetensors)",
-    "text_encoder_2": "T5 encoder folder text_encoder_2/ (config.json + weights)",
-    "tokenizer": "CLIP tokenizer folder tokenizer/ (vocab.json + merges.txt)",
-    "tokenizer_2": "T5 tokenizer folder tokenizer_2/ (tokenizer.json or spiece.model)",
-}
+from fluxcore.sampling import CFGDenoiser, FlowDenoiser, get_sampler, nan_guard
+from fluxcore.schedules import ScheduleConfig, make_schedule
 
 
 @dataclass
 class FluxPipelineOutput:
     """images: list of PIL images (output_type "pil"), or an array/tensor for "np"/"pt"/"latent".
     seeds: the seeds used: [seed] when one seed drew the whole batch, one per image when a list was
-    given, None when torch.Generators were given. info: size, steps and the flow-time schedule."""
+    given, None when torch.Generators were given. info: size, steps and the flow-time schedule.
+    As diffusers' outputs: `out[0]` and `out["images"]` are the images, `to_tuple()` is (images,)."""
 
     images: object
     seeds: list[int] | None = None
     info: dict = field(default_factory=dict)
 
+    def to_tuple(self) -> tuple:
+        return (self.images,)
 
-@dataclass(frozen=True)
-class _Request:
-    """A call's arguments after validation and defaulting."""
-
-    prompts: list[str]
-    negative_prompts: list[str] | None  # None unless true CFG runs
-    n: int  # images: prompts × num_images_per_prompt
-    mode: str
-    height: int
-    width: int
-    steps: int
-    sample: Callable
-
-
-def _apply_kernels(transformer: nn.Module, wanted: bool | None) -> list[str]:
-    """The fused-kernel transform as the pipeline's default (see FluxPipeline): the module paths replaced."""
-    if wanted is False or (wanted is None and not torch.cuda.is_available()):
-        return []
-    try:
-        from fluxcore import kernels
-    except ImportError as e:  # triton missing or unable to load here
-        if wanted:
-            raise ConfigError(f"fused_kernels=True needs the Triton kernels, which cannot be imported: {e}") from None
-        return []
-    return kernels.apply(transformer)
-
-
-def _missing_parts(root: Path) -> list[str]:
-    missing = [f"{name}/: {what}" for name, what in _PARTS.items() if not (root / name).is_dir()]
-    if not (root / "ae.safetensors").is_file() and not (root / "vae").is_dir():
-        missing.append("autoencoder: ae.safetensors (BFL) or vae/ (diffusers)")
-    if not (root / "transformer").is_dir() and not list(root.glob("*.safetensors")):
-        missing.append("transformer: transformer/ (diffusers) or flux1-*.safetensors (BFL)")
-    return missing
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
 class FluxPipeline:
     """Text-to-image (and the conditioned modes) with fluxcore models.
 
     transformer: `Flux`; ae: `AutoEncoder`; t5 / clip: the text encoders; t5_tokenizer /
-    clip_tokenizer: their tokenizers. `kontext=True` marks a Kontext model (its shapes are dev's).
+    clip_tokenizer: their tokenizers. diffusers' component names are the same objects:
+    `vae` = ae, `text_encoder` = clip, `text_encoder_2` = t5, `tokenizer` = clip_tokenizer,
+    `tokenizer_2` = t5_tokenizer, `scheduler` = the schedule's config (`pipe_inputs.Scheduler`).
+    `kontext=True` marks a Kontext model (its shapes are dev's).
     schedule: how flow times are shifted; default the reference's (unshifted for schnell-type
-    models, resolution-shifted otherwise). Build with `from_pretrained` or from parts.
+    models, resolution-shifted otherwise). Build with `from_pretrained`, `from_single_file` or from parts.
     fused_kernels: apply `fluxcore.kernels.apply` to the transformer (True), never (False), or
     when a CUDA device and the Triton kernels are available (None, the default). The fused modules
     fall back to the plain math wherever their kernels cannot run, so moving the pipeline between
@@ -147,7 +114,32 @@ class FluxPipeline:
             schedule = ScheduleConfig.unshifted() if self.is_schnell else ScheduleConfig()
         self.schedule = schedule
         self._offload_device: torch.device | None = None
-        self.fused_modules: list[str] = _apply_kernels(transformer, fused_kernels)
+        self.fused_modules: list[str] = apply_kernels(transformer, fused_kernels)
+
+    # diffusers' component names for the same objects
+    vae = property(lambda self: self.ae, lambda self, v: setattr(self, "ae", v))
+    text_encoder = property(lambda self: self.clip, lambda self, v: setattr(self, "clip", v))
+    text_encoder_2 = property(lambda self: self.t5, lambda self, v: setattr(self, "t5", v))
+    tokenizer = property(lambda self: self.clip_tokenizer, lambda self, v: setattr(self, "clip_tokenizer", v))
+    tokenizer_2 = property(lambda self: self.t5_tokenizer, lambda self, v: setattr(self, "t5_tokenizer", v))
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The schedule's config under diffusers' names (`.config`); assign a diffusers scheduler,
+        a config dict or a ScheduleConfig to change `schedule`."""
+        return Scheduler(self.schedule)
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        self.schedule = Scheduler.to_schedule(value)
+
+    @property
+    def components(self) -> dict:
+        return {
+            "scheduler": self.scheduler, "vae": self.ae, "text_encoder": self.clip,
+            "tokenizer": self.clip_tokenizer, "text_encoder_2": self.t5, "tokenizer_2": self.t5_tokenizer,
+            "transformer": self.transformer,
+        }  # fmt: skip
 
     # --- construction ----------------------------------------------------------------------
 
@@ -160,49 +152,68 @@ class FluxPipeline:
         device=None,
         kontext: bool | None = None,
         fused_kernels: bool | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir=None,
+        local_files_only: bool = False,
+        force_download: bool = False,
     ) -> FluxPipeline:
-        """Load every part from a model folder:
-        - a Hugging Face snapshot (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/,
-          tokenizer/, tokenizer_2/, and scheduler/scheduler_config.json for the schedule), or
+        """Load every part from a model folder or a Hugging Face Hub id:
+        - a Hub id ("black-forest-labs/FLUX.1-dev"): resolved through huggingface_hub's cache
+          (downloaded once, only the diffusers component folders; HF_HUB_OFFLINE=1 or
+          local_files_only=True: the cache alone). revision, token, cache_dir, force_download as
+          huggingface_hub; variant ("fp16", ...) picks `*.{variant}.safetensors` weights and
+          subfolder the folder of the repository the pipeline sits in, as diffusers.
+        - a Hugging Face snapshot folder (model_index.json, transformer/, vae/, text_encoder/,
+          text_encoder_2/, tokenizer/, tokenizer_2/, and scheduler/scheduler_config.json), or
         - a folder with the BFL files (flux1-*.safetensors, ae.safetensors) plus those four text folders.
         torch_dtype: default bf16 on CUDA, float32 elsewhere. device: default CPU.
         kontext: default from model_index.json (FluxKontextPipeline) or "kontext" in the file/folder name.
         Without a scheduler config the schedule is the reference's for the variant.
         fused_kernels: see the class docstring (default: on where a CUDA GPU and Triton are).
         """
-        from fluxcore.weights import load_flux
-        from fluxcore.weights.encoders import (
-            load_autoencoder,
-            load_clip,
-            load_clip_tokenizer,
-            load_t5,
-            load_t5_tokenizer,
-        )
+        from fluxcore.pipeline_load import load_pretrained
 
-        root = Path(path)
-        if not root.is_dir():
-            raise WeightsError(f"model folder {root} does not exist or is not a folder")
-        missing = _missing_parts(root)
-        if missing:
-            raise WeightsError(f"model folder {root} is missing: " + "; ".join(missing))
-        dtype = torch_dtype or default_dtype(device)
-        transformer = load_flux(root, device=device, dtype=dtype)
-        # The reference keeps the autoencoder's weights in fp32 (ae.safetensors is fp32) and runs it
-        # under bf16 autocast on the GPU (see `_ae_autocast`).
-        ae = load_autoencoder(root, device=device, dtype=torch.float32)
-        t5 = load_t5(root, device=device, dtype=dtype)
-        clip = load_clip(root, device=device, dtype=dtype)
-        t5_tok = load_t5_tokenizer(root)
-        clip_tok = load_clip_tokenizer(root)
-        if kontext is None:
-            cls_name = str(read_json(root / "model_index.json", missing_ok=True).get("_class_name", ""))
-            kontext = "Kontext" in cls_name or "kontext" in str(getattr(transformer, "variant", ""))
-        scheduler = read_json(root / "scheduler" / "scheduler_config.json", missing_ok=True)
-        schedule = ScheduleConfig.from_scheduler_config(scheduler) if scheduler else None
-        return cls(
-            transformer, ae, t5, clip, t5_tok, clip_tok,
-            kontext=kontext, schedule=schedule, fused_kernels=fused_kernels,
+        parts = load_pretrained(
+            path, torch_dtype=torch_dtype, device=device, kontext=kontext, revision=revision, variant=variant,
+            subfolder=subfolder, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+            force_download=force_download,
         )  # fmt: skip
+        return cls(**parts, fused_kernels=fused_kernels)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        transformer_file,
+        *,
+        t5=None,
+        clip=None,
+        ae=None,
+        tokenizers=None,
+        torch_dtype: torch.dtype | None = None,
+        device=None,
+        kontext: bool | None = None,
+        fused_kernels: bool | None = None,
+        token: str | bool | None = None,
+        cache_dir=None,
+        local_files_only: bool = False,
+    ) -> FluxPipeline:
+        """Load from single .safetensors files, as ComfyUI keeps them: `transformer_file` (BFL or
+        diffusers keys, optionally under `model.diffusion_model.`; an all-in-one checkpoint also
+        holds the text encoders under `text_encoders.clip_l.` / `text_encoders.t5xxl.` and the
+        autoencoder under `vae.`). t5 / clip / ae: files or folders for the parts the transformer
+        file lacks (a missing part is named, with where official copies come from). tokenizers: a
+        folder with tokenizer/ and tokenizer_2/ or a Hub id; default FLUX.1-schnell's through the
+        Hugging Face cache (token, cache_dir, local_files_only as `from_pretrained`)."""
+        from fluxcore.pipeline_load import load_single_file
+
+        parts = load_single_file(
+            transformer_file, t5=t5, clip=clip, ae=ae, tokenizers=tokenizers, torch_dtype=torch_dtype,
+            device=device, kontext=kontext, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+        )  # fmt: skip
+        return cls(**parts, fused_kernels=fused_kernels)
 
     def load_redux(self, path) -> FluxPipeline:
         """Load FLUX.1-Redux's projector (flux1-redux-dev.safetensors); enables `image_embeds=`."""
@@ -221,15 +232,45 @@ class FluxPipeline:
         """Where computation runs (the offload device when offloading)."""
         return self._offload_device or self.transformer.device
 
-    def to(self, device) -> FluxPipeline:
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def to(self, *args, device=None, dtype=None, torch_dtype=None) -> FluxPipeline:
+        """Move (and cast) the pipeline, as diffusers: `to("cuda")`, `to(torch.bfloat16)`,
+        `to("cuda", torch.bfloat16)`, `to(device=..., dtype=...)`. A dtype casts the transformer,
+        the text encoders and Redux; the autoencoder stays float32 (the reference's, run under
+        autocast on CUDA). Ends model CPU offload."""
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                device = a
+        dtype = dtype or torch_dtype
+        if device is not None:
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"to(): {device!r} is not a torch device") from None
         self._offload_device = None
         for m in self._modules():
-            m.to(device)
+            m.to(device=device, dtype=None if m is self.ae else dtype)
         return self
 
-    def enable_model_cpu_offload(self, device="cuda") -> FluxPipeline:
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None) -> FluxPipeline:
         """Keep every model on the CPU and move each stage (text encoders, transformer, autoencoder)
-        to `device` only while it runs. Peak device memory becomes the largest stage, not the sum."""
+        to the accelerator only while it runs; peak device memory becomes the largest stage, not
+        the sum. Without `device`, CUDA (`cuda:{gpu_id}`); on a machine without CUDA that is a
+        ConfigError at once (pass device= to offload to another device)."""
+        if isinstance(gpu_id, (str, torch.device)):  # fluxcore's earlier `enable_model_cpu_offload(device)`
+            gpu_id, device = None, gpu_id
+        if device is None:
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "enable_model_cpu_offload: this machine has no CUDA device to offload to; "
+                    "pass device= (e.g. 'mps'), or run without offloading"
+                )
+            device = f"cuda:{gpu_id or 0}"
         self._offload_device = torch.device(device)
         for m in self._modules():
             m.to("cpu")
@@ -275,113 +316,191 @@ class FluxPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str] = None,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        true_cfg_scale: float = 1.0,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
+        sigmas: Sequence[float] | None = None,
         guidance_scale: float = 3.5,
-        max_sequence_length: int | None = None,
-        generator: int | torch.Generator | Sequence[int | torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
-        sampler: str | Callable = "euler",
-        callback: Callable[[dict], None] | None = None,
-        *,
-        negative_prompt: str | Sequence[str] | None = None,
-        true_cfg_scale: float = 1.0,
+        generator: int | torch.Generator | Sequence[int | torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_pooled_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int | None = None,
         image=None,
         strength: float | None = None,
         mask_image=None,
         control_image=None,
         image_embeds: Tensor | None = None,
         kontext_auto_resize: bool = True,
-        latents: Tensor | None = None,
+        sampler: str | Callable = "euler",
+        scheduler: str | None = None,
         sampler_options: dict | None = None,
-        output_type: str = "pil",
+        callback: Callable[[dict], None] | None = None,
         progress: bool = True,
-    ) -> FluxPipelineOutput:
-        """Generate images; keyword names follow diffusers' FluxPipeline.
+    ) -> FluxPipelineOutput | tuple:
+        """Generate images; the keywords are those of diffusers' FluxPipeline, with its meanings
+        (docs/pipeline.md has the table). Beyond diffusers:
 
-        prompt: a string or a list of B strings. height, width: pixels, default 1024 (for Kontext the
-          reference image's size); rounded down to multiples of 16 with a warning.
-        num_inference_steps: default 4 for schnell-type models, 28 otherwise.
-        guidance_scale: the distilled guidance input of dev-type models (ignored by schnell).
-        max_sequence_length: T5 tokens; default 256 schnell, 128 Fill, 512 otherwise (the reference's).
-        generator: a seed (int), a torch.Generator, or a list with one per image; default a random
-          seed. Seeds give the reference's noise (`get_noise`, CPU generator) on any device.
-        sampler: a name from `fluxcore.sampling.SAMPLERS` or a sampler function; sampler_options go to it.
-        callback: called after each step's model evaluation with k-diffusion's dict
-          {"x", "i", "sigma", "sigma_hat", "denoised"}.
-        negative_prompt, true_cfg_scale: true classifier-free guidance when true_cfg_scale > 1 (two
-          transformer passes per step: double the cost).
-        image: img2img input (with strength, default 0.6), the image to fill (Fill models, with
-          mask_image: white = generate), or the Kontext reference. control_image: Canny/Depth input
-          (the edge/depth map itself). image_embeds: Redux SigLIP embeddings [N, 1152] or [B, N, 1152].
-        latents: packed starting noise [N, L, 64] instead of drawing it (as diffusers' `latents`).
-        output_type: "pil" (default), "np" (float [N, H, W, 3] in [0, 1]), "pt" ([N, 3, H, W] in
-          [0, 1]) or "latent" (packed latents).
+        generator: also an int seed or a list of seeds (the reference's noise, `get_noise`); stochastic
+          samplers draw from the same source, one stream per image for a list, never the global RNG.
+        sigmas: N flow times in (0, 1], shifted by the schedule and ended with 0 (as diffusers).
+        scheduler: a spacing from `fluxcore.schedules.SCHEDULERS` (ComfyUI's names; "simple" is FLUX's).
+        sampler / sampler_options: a name from `fluxcore.sampling.SAMPLERS` or a sampler function.
+        image: img2img input (with strength, default 0.6), the image to fill (Fill, with mask_image:
+          white = generate) or the Kontext reference; control_image: the Canny/Depth map. PIL images,
+          numpy arrays or tensors in [0, 1] (negative values: [-1, 1]) or lists of them.
+        image_embeds: Redux SigLIP embeddings [N, 1152] or [B, N, 1152] (after `load_redux`).
+        joint_attention_kwargs: only {"scale": s}, the LoRA scale for this call.
+        callback_on_step_end(pipe, i, t, kwargs) -> dict: t = 1000·σ_i; returned "latents" /
+          "prompt_embeds" replace the pipeline's. callback: k-diffusion's per-step dict instead.
+        output_type: "pil", "np" ([N, H, W, 3] in [0, 1]), "pt" ([N, 3, H, W] in [0, 1]) or "latent".
         """
-        r = self._validate(
-            prompt, height, width, num_inference_steps, max_sequence_length, num_images_per_prompt,
-            sampler, negative_prompt, true_cfg_scale, image, strength, mask_image, control_image,
-            image_embeds, kontext_auto_resize, output_type,
-        )  # fmt: skip
-        text, negative = self.encode_text(
-            r.prompts, num_images_per_prompt, max_sequence_length, r.negative_prompts, image_embeds
-        )
-        x, img_ids, seeds = self.prepare_latents(r.n, r.height, r.width, generator, latents)
-        timesteps = self.get_timesteps(r.steps, x.shape[1])
-        x, timesteps, cond = self.prepare_conditioning(
-            r.mode, x, timesteps, r.width, r.height,
-            image=image, strength=strength, mask_image=mask_image, control_image=control_image,
-            kontext_auto_resize=kontext_auto_resize,
-        )  # fmt: skip
-        extra = {"img_ids": img_ids, **text, "guidance": float(guidance_scale), **cond}
-        x = self.denoise(
-            x, timesteps, extra, sampler=r.sample, negative=negative, true_cfg_scale=true_cfg_scale,
-            callback=callback, progress=progress, seed=seeds[0] if seeds else None,
-            sampler_options=sampler_options,
-        )  # fmt: skip
+        args = dict(locals())
+        r = validate(self, args)
+        with lora_scale(self.transformer, joint_attention_kwargs):
+            text, negative = self.encode_text(
+                r.prompts, num_images_per_prompt, max_sequence_length, r.negative if r.true_cfg else None,
+                image_embeds, prompt_2=r.prompts_2, negative_prompts_2=r.negative_2,
+                embeds=(prompt_embeds, pooled_prompt_embeds),
+                negative_embeds=(negative_prompt_embeds, negative_pooled_prompt_embeds) if r.true_cfg else None,
+            )  # fmt: skip
+            x, img_ids, seeds = self.prepare_latents(r.n, r.height, r.width, generator, latents)
+            timesteps = self.get_timesteps(r.steps, x.shape[1], sigmas=sigmas, scheduler=scheduler)
+            x, timesteps, cond = self.prepare_conditioning(
+                r.mode, x, timesteps, r.width, r.height,
+                image=image, strength=strength, mask_image=mask_image, control_image=control_image,
+                kontext_auto_resize=kontext_auto_resize,
+            )  # fmt: skip
+            extra = {"img_ids": img_ids, **text, "guidance": float(guidance_scale), **cond}
+            step_end = None
+            if callback_on_step_end is not None:
+                names = callback_on_step_end_tensor_inputs
+                step_end = step_end_hook(self, callback_on_step_end, names, timesteps, extra)
+            x = self.denoise(
+                x, timesteps, extra, sampler=r.sample, negative=negative, true_cfg_scale=true_cfg_scale,
+                callback=callback, progress=progress, generator=noise_generators(generator, seeds),
+                sampler_options=sampler_options, step_end=step_end,
+            )  # fmt: skip
         info = {"height": r.height, "width": r.width, "num_inference_steps": r.steps, "timesteps": timesteps}
         images = x if output_type == "latent" else self.decode(x, r.height, r.width, output_type)
-        return FluxPipelineOutput(images=images, seeds=seeds, info=info)
+        out = FluxPipelineOutput(images=images, seeds=seeds, info=info)
+        return out if return_dict else out.to_tuple()
 
     # --- the stages ------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt, num_images_per_prompt: int = 1, max_sequence_length: int | None = None):
-        """(txt [N, L, 4096], txt_ids [N, L, 3], vec [N, 768]) on the pipeline device, N = prompts × images per prompt."""
-        from fluxcore.text.encode import encode_prompt
-
-        with self._stage(self.t5, self.clip):
-            return encode_prompt(
-                prompt,
-                t5=self.t5,
-                clip=self.clip,
-                t5_tokenizer=self.t5_tokenizer,
-                clip_tokenizer=self.clip_tokenizer,
-                max_length=max_sequence_length or self.default_max_sequence_length(),
-                num_images_per_prompt=num_images_per_prompt,
-                device=self.device,
+    def encode_prompt(
+        self,
+        prompt,
+        prompt_2=None,
+        device=None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        max_sequence_length: int | None = None,
+        lora_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """diffusers' `encode_prompt`: (prompt_embeds [N, L, 4096] T5, pooled_prompt_embeds [N, 768]
+        CLIP, text_ids [L, 3] zeros) with N = prompts × num_images_per_prompt; CLIP reads `prompt`,
+        T5 `prompt_2` (default `prompt`). Given embeddings are repeated, not recomputed.
+        `lora_scale` is accepted for diffusers' signature and has no effect on the text encoders
+        (fluxcore's LoRA loader patches only the transformer)."""
+        device = torch.device(device) if device is not None else self.device
+        if prompt_embeds is not None:
+            if pooled_prompt_embeds is None:
+                raise ConfigError("prompt_embeds needs pooled_prompt_embeds as well, as diffusers requires")
+            txt = repeat_embeds(prompt_embeds, num_images_per_prompt, device)
+            vec = repeat_embeds(pooled_prompt_embeds, num_images_per_prompt, device)
+        else:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompts_2 = (
+                prompts
+                if prompt_2 is None
+                else [prompt_2] * len(prompts)
+                if isinstance(prompt_2, str)
+                else list(prompt_2)
             )
+            txt, vec = self._encode_texts(
+                prompts, prompts_2, num_images_per_prompt, max_sequence_length, device
+            )
+        return txt, vec, torch.zeros(txt.shape[1], 3, device=device, dtype=txt.dtype)
+
+    def encode_prompt_reference(
+        self, prompt, num_images_per_prompt: int = 1, max_sequence_length: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The reference's order: (txt [N, L, 4096], txt_ids [N, L, 3] float32, vec [N, 768]) on the
+        pipeline device, N = prompts × images per prompt (fluxcore's `encode_prompt` before it took
+        diffusers' signature)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        txt, vec = self._encode_texts(
+            prompts, prompts, num_images_per_prompt, max_sequence_length, self.device
+        )
+        return txt, torch.zeros(*txt.shape[:2], 3, device=txt.device), vec
+
+    def _encode_texts(self, prompts, prompts_2, k, max_sequence_length, device) -> tuple[Tensor, Tensor]:
+        """T5 over prompts_2 and CLIP over prompts → (txt [N, L, 4096], vec [N, 768]) on `device`."""
+        length = self.cap_max_sequence_length(max_sequence_length)
+        with self._stage(self.t5, self.clip):
+            txt = self.t5(self.t5_tokenizer(prompts_2, max_length=length).to(self.t5.device)).to(device)
+            vec = self.clip(self.clip_tokenizer(prompts).to(self.clip.device)).pooler_output.to(device)
+        return repeat_embeds(txt, k, device), repeat_embeds(vec, k, device)
+
+    def cap_max_sequence_length(self, max_sequence_length: int | None) -> int:
+        """The T5 length a call uses: the given one (default `default_max_sequence_length`), capped at
+        the tokenizer's trained length (model_max_length) with a warning."""
+        if max_sequence_length is None:
+            return self.default_max_sequence_length()
+        return cap_sequence_length(max_sequence_length, getattr(self.t5_tokenizer, "max_length", None))
 
     @torch.no_grad()
     def encode_text(
         self,
-        prompts: list[str],
+        prompts: list[str] | None,
         num_images_per_prompt: int = 1,
         max_sequence_length: int | None = None,
         negative_prompts: list[str] | None = None,
         image_embeds: Tensor | None = None,
+        *,
+        prompt_2: list[str] | None = None,
+        negative_prompts_2: list[str] | None = None,
+        embeds: tuple[Tensor | None, Tensor | None] = (None, None),
+        negative_embeds: tuple[Tensor | None, Tensor | None] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """The text inputs of the model: ({"txt": [N, L, 4096], "txt_ids": [N, L, 3], "y": [N, 768]},
-        the same for `negative_prompts` or None). Redux tokens from `image_embeds` ([N_r, 1152] or
-        [B, N_r, 1152]) are appended to both, so L = T5 length + N_r."""
-        keys = ("txt", "txt_ids", "y")
-        text = dict(zip(keys, self.encode_prompt(prompts, num_images_per_prompt, max_sequence_length)))
-        negative = None
-        if negative_prompts is not None:
-            negative = dict(
-                zip(keys, self.encode_prompt(negative_prompts, num_images_per_prompt, max_sequence_length))
+        the same for the negative prompts (or `negative_embeds`) or None). `prompt_2` /
+        `negative_prompts_2` are T5's prompts (default the CLIP ones); `embeds` = (prompt_embeds,
+        pooled_prompt_embeds) replace the prompts. Redux tokens from `image_embeds` ([N_r, 1152] or
+        [B, N_r, 1152]) are appended to both, so L = T5 length + N_r. Text inputs are cast to the
+        transformer's dtype."""
+        dtype = self.transformer.dtype
+
+        def inputs(p, p2, e) -> dict[str, Tensor]:
+            txt, vec, _ = self.encode_prompt(
+                p, p2, None, num_images_per_prompt, e[0], e[1], max_sequence_length
             )
+            txt = txt.to(dtype)
+            ids = torch.zeros(*txt.shape[:2], 3, device=txt.device)
+            return {"txt": txt, "txt_ids": ids, "y": vec.to(dtype)}
+
+        text = inputs(prompts, prompt_2, embeds)
+        negative = None
+        if negative_embeds is not None and negative_embeds[0] is not None:
+            negative = inputs(None, None, negative_embeds)
+        elif negative_prompts is not None:
+            negative = inputs(negative_prompts, negative_prompts_2, (None, None))
         if image_embeds is not None:
             with self._stage(self.redux):
                 tokens = redux_inputs(self.redux, image_embeds, self.device)
@@ -406,9 +525,21 @@ class FluxPipeline:
             x, seeds = draw_noise(generator, n, height, width, device=device, dtype=dtype)
         return x, make_img_ids(n, height, width, device=device), seeds
 
-    def get_timesteps(self, num_steps: int, seq_len: int) -> list[float]:
-        """num_steps + 1 flow times 1 → 0 for seq_len packed image tokens, shifted by `self.schedule`."""
-        return get_schedule(num_steps, seq_len, config=self.schedule)
+    def get_timesteps(
+        self,
+        num_steps: int,
+        seq_len: int,
+        *,
+        sigmas: Sequence[float] | None = None,
+        scheduler: str | None = None,
+    ) -> list[float]:
+        """num_steps + 1 flow times 1 → 0 for seq_len packed image tokens, shifted by `self.schedule`:
+        the named `scheduler`'s spacing (default "simple", FLUX's), or diffusers' `sigmas` (N flow
+        times, shifted, then 0)."""
+        if sigmas is not None:
+            t = torch.tensor([float(s) for s in sigmas], dtype=torch.float32)
+            return self.schedule.apply(t, seq_len).tolist() + [0.0]
+        return make_schedule(scheduler or "simple", num_steps, seq_len, self.schedule)
 
     @torch.no_grad()
     def prepare_conditioning(
@@ -459,27 +590,28 @@ class FluxPipeline:
         true_cfg_scale: float = 1.0,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
-        seed: int | None = None,
+        generator=None,
         sampler_options: dict | None = None,
+        step_end: Callable | None = None,
     ) -> Tensor:
         """Run the sampler from packed latents x [N, L, 64] over `timesteps` with the transformer
         (`FlowDenoiser`; `CFGDenoiser` when `negative` text inputs are given) and model inputs
         `extra`; returns the final packed latents [N, L, 64]. Stochastic samplers that take a
-        `generator` get a CPU stream derived from `seed`. Non-finite latents raise FluxcoreError."""
+        `generator` get `generator` (one torch.Generator or one per image). `step_end(i, x, t)` runs
+        after each step and may return new latents. Non-finite latents raise FluxcoreError."""
         sample = get_sampler(sampler) if isinstance(sampler, str) else sampler
         model = FlowDenoiser(self.transformer)
         if negative is not None:
             model = CFGDenoiser(model, true_cfg_scale, negative)
         options = dict(sampler_options or {})
-        if (
-            seed is not None
-            and "generator" not in options
-            and "generator" in inspect.signature(sample).parameters
-        ):
-            # derived from (not equal to) the noise seed, so the two streams are independent
-            options["generator"] = torch.Generator().manual_seed(
-                (seed * 6364136223846793005 + 1442695040888963407) % 2**64
-            )
+        try:
+            params = inspect.signature(sample).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if generator is not None and "generator" not in options and "generator" in params:
+            options["generator"] = generator
+        if step_end is not None:
+            options["step_end"] = step_end
         num_steps = len(timesteps) - 1
         with self._stage(self.transformer):
             x = sample(
@@ -528,65 +660,3 @@ class FluxPipeline:
         if t.shape[0] == 1:
             return t.expand(n, *t.shape[1:]).contiguous()
         raise ConfigError(f"a conditioning input has batch {t.shape[0]}, expected 1 or {n}")
-
-    # --- argument validation ---------------------------------------------------------------
-
-    def _validate(
-        self, prompt, height, width, num_inference_steps, max_sequence_length, num_images_per_prompt,
-        sampler, negative_prompt, true_cfg_scale, image, strength, mask_image, control_image,
-        image_embeds, kontext_auto_resize, output_type,
-    ) -> _Request:  # fmt: skip
-        """Check every argument of `__call__` before any model runs; fill in the defaults."""
-        prompts = self._check_prompt(prompt)
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ConfigError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        mode = self.mode
-        check_inputs(mode, self.transformer.config.in_channels, image, strength, mask_image, control_image)
-        if image_embeds is not None and self.redux is None:
-            raise ConfigError(
-                "image_embeds= needs the Redux projector: call pipe.load_redux('flux1-redux-dev.safetensors') first"
-            )
-        if mode == "kontext" and image is not None:
-            ref_w, ref_h = kontext_size(image, kontext_auto_resize)
-            height = ref_h if height is None else height
-            width = ref_w if width is None else width
-        height = check_side("height", 1024 if height is None else height)
-        width = check_side("width", 1024 if width is None else width)
-        steps = (4 if self.is_schnell else 28) if num_inference_steps is None else num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        sample = get_sampler(sampler) if isinstance(sampler, str) else sampler
-        if not callable(sample):
-            raise ConfigError(f"sampler must be a name or a callable; got {type(sampler).__name__}")
-        if max_sequence_length is not None and not 1 <= int(max_sequence_length) <= 512:
-            raise ConfigError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
-        negative = None
-        if negative_prompt is not None and true_cfg_scale > 1:
-            negative = (
-                [negative_prompt] * len(prompts)
-                if isinstance(negative_prompt, str)
-                else list(negative_prompt)
-            )
-            if len(negative) != len(prompts):
-                raise ConfigError(
-                    f"got {len(negative)} negative prompts for {len(prompts)} prompts; give one per prompt or one string"
-                )
-        check_output_type(output_type)
-        n = len(prompts) * num_images_per_prompt
-        return _Request(prompts, negative, n, mode, height, width, steps, sample)
-
-    @staticmethod
-    def _check_prompt(prompt) -> list[str]:
-        if isinstance(prompt, str):
-            return [prompt]
-        if prompt is None or isinstance(prompt, bytes) or not isinstance(prompt, Sequence) or not len(prompt):
-            raise ConfigError(f"prompt must be a string or a non-empty list of strings; got {prompt!r}")
-        if not all(isinstance(p, str) for p in prompt):
-            raise ConfigError(
-                f"every prompt must be a string; got types {[type(p).__name__ for p in prompt][:5]}"
-            )
-        return list(prompt)

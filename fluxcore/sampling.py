@@ -21,163 +21,25 @@ it reachable by name from the pipeline and the command line.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fluxcore.errors import ConfigError, FluxcoreError
 
-# --- schedule -------------------------------------------------------------------------------
-
-
-def time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
-    """The reference's resolution shift: e^μ / (e^μ + (1/t − 1)^σ). Maps 1 → 1 and 0 → 0."""
-    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-
-def get_lin_function(
-    x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15
-) -> Callable[[float], float]:
-    """The line through (x1, y1) and (x2, y2): μ as a function of the packed image token count."""
-    m = (y2 - y1) / (x2 - x1)
-    b = y1 - m * x1
-    return lambda x: m * x + b
-
-
-# Keys of diffusers' FlowMatchEulerDiscreteScheduler config that change the schedule in ways this
-# module does not implement, with the value that leaves the schedule alone.
-_UNSUPPORTED_SCHEDULER_KEYS = {
-    "shift_terminal": None,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "invert_sigmas": False,
-    "time_shift_type": "exponential",
-}
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """How the flow times are shifted; the defaults are FLUX.1-dev's (the reference's).
-
-    use_dynamic_shifting True: resolution-dependent shift t ← time_shift(μ, 1, t), with μ on the
-      line through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), evaluated
-      at the packed token count.
-    use_dynamic_shifting False: a fixed shift t ← shift·t / (1 + (shift − 1)·t); shift 1 leaves the
-      schedule alone (FLUX.1-schnell: `ScheduleConfig.unshifted()`).
-
-    The field names are those of diffusers' FlowMatchEulerDiscreteScheduler, whose
-    scheduler/scheduler_config.json `from_scheduler_config` reads.
-    """
-
-    use_dynamic_shifting: bool = True
-    shift: float = 1.0
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_image_seq_len: int = 256
-    max_image_seq_len: int = 4096
-
-    def __post_init__(self):
-        if not self.shift > 0:
-            raise ConfigError(f"schedule shift must be > 0, got {self.shift}")
-        if self.base_image_seq_len == self.max_image_seq_len:
-            raise ConfigError(
-                f"base_image_seq_len and max_image_seq_len must differ (they define the line of μ); "
-                f"both are {self.base_image_seq_len}"
-            )
-
-    @classmethod
-    def unshifted(cls) -> ScheduleConfig:
-        """linspace(1, 0) as it is: FLUX.1-schnell's schedule."""
-        return cls(use_dynamic_shifting=False, shift=1.0)
-
-    @classmethod
-    def from_scheduler_config(cls, config: dict) -> ScheduleConfig:
-        """From a diffusers scheduler_config.json dict. Missing keys take diffusers' defaults
-        (notably use_dynamic_shifting False, shift 1.0); other diffusers keys are ignored unless they
-        ask for a schedule this module does not compute (shift_terminal, Karras/exponential/beta
-        sigmas, inverted sigmas, a linear time shift), which is a ConfigError."""
-        for key, neutral in _UNSUPPORTED_SCHEDULER_KEYS.items():
-            value = config.get(key, neutral)
-            if (value != neutral) if isinstance(neutral, str) else bool(value):
-                raise ConfigError(
-                    f"scheduler config sets {key}={config[key]!r}; fluxcore computes only the FLUX schedule "
-                    f"({key}={neutral!r})"
-                )
-        defaults = {
-            "use_dynamic_shifting": False,
-            "shift": 1.0,
-            "base_shift": 0.5,
-            "max_shift": 1.15,
-            "base_image_seq_len": 256,
-            "max_image_seq_len": 4096,
-        }
-        values = {k: config.get(k, v) for k, v in defaults.items()}
-        # diffusers allows null shifts (they only matter with dynamic shifting): take the defaults
-        values = {k: defaults[k] if v is None else v for k, v in values.items()}
-        try:
-            return cls(
-                use_dynamic_shifting=bool(values["use_dynamic_shifting"]),
-                shift=float(values["shift"]),
-                base_shift=float(values["base_shift"]),
-                max_shift=float(values["max_shift"]),
-                base_image_seq_len=int(values["base_image_seq_len"]),
-                max_image_seq_len=int(values["max_image_seq_len"]),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"scheduler config has a value of the wrong type: {e}; got {values}") from None
-
-    def mu(self, image_seq_len: int) -> float:
-        """μ of the dynamic shift for `image_seq_len` packed tokens (diffusers' `calculate_shift`)."""
-        line = get_lin_function(
-            self.base_image_seq_len, self.base_shift, self.max_image_seq_len, self.max_shift
-        )
-        return line(image_seq_len)
-
-    def apply(self, t: Tensor, image_seq_len: int) -> Tensor:
-        """Shift flow times t (a float32 tensor, 1 → 0) for an image of `image_seq_len` packed tokens."""
-        if self.use_dynamic_shifting:
-            return time_shift(self.mu(image_seq_len), 1.0, t)
-        if self.shift == 1.0:
-            return t
-        return self.shift * t / (1 + (self.shift - 1) * t)
-
-
-def get_schedule(
-    num_steps: int,
-    image_seq_len: int,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-    shift: bool = True,
-    *,
-    config: ScheduleConfig | None = None,
-) -> list[float]:
-    """num_steps + 1 flow times from 1 to 0 (the reference's `get_schedule`).
-
-    linspace(1, 0, num_steps + 1) in float32, then shifted by `config` (a `ScheduleConfig`). Without
-    `config`, the reference's arguments build one: if `shift`, time_shift(μ, 1, t) with μ on the line
-    through (256 tokens, base_shift) and (4096 tokens, max_shift); FLUX.1-schnell is sampled
-    unshifted (shift=False). image_seq_len = packed tokens = ⌈H/16⌉·⌈W/16⌉.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}")
-    if config is None:
-        config = (
-            ScheduleConfig(base_shift=base_shift, max_shift=max_shift)
-            if shift
-            else ScheduleConfig.unshifted()
-        )
-    elif (base_shift, max_shift, shift) != (0.5, 1.15, True):
-        raise ConfigError(
-            "get_schedule: pass either config= or base_shift/max_shift/shift, not both; "
-            f"got config={config} with base_shift={base_shift}, max_shift={max_shift}, shift={shift}"
-        )
-    timesteps = config.apply(torch.linspace(1, 0, num_steps + 1), image_seq_len)
-    return timesteps.tolist()
-
+# Schedules live in fluxcore.schedules; these names stay importable from here.
+from fluxcore.schedules import (  # noqa: E402, F401
+    SCHEDULERS,
+    ScheduleConfig,
+    get_lin_function,
+    get_schedule,
+    get_scheduler,
+    make_schedule,
+    time_shift,
+)
 
 # --- the FLUX transformer as a denoiser ----------------------------------------------------
 
@@ -320,7 +182,7 @@ def denoise(model, x: Tensor, sigma: float | Tensor, **extra_args) -> Tensor:
 
 
 @torch.no_grad()
-def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, step_end=None):
     """Euler on the flow ODE: x ← x + (t_next − t)·v. With a `FlowDenoiser` this is the reference's
     denoise loop step for step (same timestep tensors, same dtype, same update expression).
     1 model evaluation per step; global order 1."""
@@ -331,12 +193,12 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None)
         v = velocity(model, x, t_curr, **extra_args)
         if callback is not None:
             report(callback, x, i, t_curr, x - t_curr * v)
-        x = x + (t_prev - t_curr) * v
+        x = end_step(step_end, i, x + (t_prev - t_curr) * v, t_prev)
     return x
 
 
 @torch.no_grad()
-def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, step_end=None):
     """Heun (explicit trapezoid) on the flow ODE: an Euler predictor, then the average of the
     velocities at both ends. The last step into t = 0 is a plain Euler step (k-diffusion's
     convention, which keeps x0-only models defined). 2 evaluations per step; global order 2."""
@@ -353,6 +215,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
         else:
             v_next = velocity(model, x_euler, t_next, **extra_args)
             x = x + (t_next - t) * ((v + v_next) / 2)
+        x = end_step(step_end, i, x, t_next)
     return x
 
 
@@ -367,7 +230,7 @@ def log_snr(t: float) -> float:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, step_end=None):
     """DPM-Solver++(2M) (Lu et al. 2022) in flow form: data prediction with α_t = 1 − t, σ_t = t,
     λ = log(α/σ), h = λ_next − λ.
 
@@ -391,15 +254,47 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         x = (t_next / t) * x - (1 - t_next) * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
+        x = end_step(step_end, i, x, t_next)
     return x
 
 
-def noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard normal noise shaped like x, in x's dtype and on x's device, for stochastic samplers."""
+def noise_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+    """Standard normal noise shaped like x, in x's dtype on x's device, for stochastic samplers.
+
+    generator: one torch.Generator for the whole batch, or a list with one per row of x (row i is
+    drawn from generator i, so an image's noise does not depend on the rest of its batch). Drawn on
+    the generator's device (CPU for a CPU generator), so a seed gives the same samples on any
+    device. Never the global RNG: without a generator the noise comes from a fresh CPU generator
+    seeded 0 (reproducible; pass generators to vary it)."""
     if generator is None:
-        return torch.randn_like(x)
-    # Drawn on the generator's device (CPU for a CPU generator), so a seed is device-independent.
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+        generator = torch.Generator().manual_seed(0)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
+    gens = list(generator)
+    if len(gens) != x.shape[0]:
+        raise ConfigError(f"got {len(gens)} generators for a batch of {x.shape[0]}; give one per row or one")
+    rows = [torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in gens]
+    return torch.stack(rows)
+
+
+def noise_source(generator=None, noise_sampler=None) -> Callable[[Tensor, float, float], Tensor]:
+    """`draw(x, s, t)`: the noise of a step s → t: `noise_sampler(s, t)` when given (k-diffusion's
+    hook), else `noise_like(x, generator)`. Each draw advances the generator(s)."""
+    if noise_sampler is not None:
+        return lambda x, s, t: noise_sampler(s, t)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    return lambda x, s, t: noise_like(x, generator)
+
+
+def end_step(step_end: Callable | None, i: int, x: Tensor, sigma_next: float) -> Tensor:
+    """After step i (now at flow time sigma_next): `step_end(i, x, sigma_next)` may return new latents
+    (None keeps x). This is how the pipeline's `callback_on_step_end` edits latents; every sampler
+    here calls it once per step, last thing."""
+    if step_end is None:
+        return x
+    out = step_end(i, x, sigma_next)
+    return x if out is None else out
 
 
 @torch.no_grad()
@@ -413,6 +308,7 @@ def sample_euler_ancestral(
     eta=1.0,
     generator=None,
     noise_sampler=None,
+    step_end=None,
 ):
     """Ancestral (stochastic) sampler in flow form: the DDPM posterior step q(x_t | x_s, x0 = D(x_s))
     for the path x_t = (1 − t)·x0 + t·ε, with its noise scaled by `eta`.
@@ -421,24 +317,310 @@ def sample_euler_ancestral(
         x_t = (1 − t)·D + √(t² − c²)·ε̂ + c·z,   z ~ N(0, I)
 
     eta = 0 is DDIM, i.e. Euler; eta = 1 is DDPM ancestral sampling. Noise comes from
-    `noise_sampler(s, t)` when given, else from `generator` (drawn on its device, so a CPU generator
-    gives the same samples on any device), else from the global RNG. 1 evaluation per step."""
+    `noise_sampler(s, t)` when given, else from `generator` (one, or one per batch row; see
+    `noise_like`), never from the global RNG. 1 evaluation per step."""
     extra_args = extra_args or {}
     ts = flow_times(sigmas)
+    draw = noise_source(generator, noise_sampler)
     for i in step_range(len(ts) - 1, disable):
         s, t = ts[i], ts[i + 1]
         x0 = denoise(model, x, s, **extra_args)
         report(callback, x, i, s, x0)
         if t == 0:
-            x = x0
+            x = end_step(step_end, i, x0, t)
             continue
         eps = (x - (1 - s) * x0) / s
         ratio = (1 - s) * t / ((1 - t) * s)
         c = eta * t * math.sqrt(max(0.0, 1 - ratio * ratio))
         x = (1 - t) * x0 + math.sqrt(max(0.0, t * t - c * c)) * eps
         if c > 0:
-            z = noise_sampler(s, t) if noise_sampler is not None else noise_like(x, generator)
-            x = x + c * z
+            x = x + c * draw(x, s, t)
+        x = end_step(step_end, i, x, t)
+    return x
+
+
+# --- SDE and higher-order multistep samplers (ComfyUI's names) ------------------------------
+#
+# All in flow form, data prediction: α_t = 1 − t, σ_t = t, λ = log(α/σ) = `log_snr`. λ is −∞ at
+# t = 1 and +∞ at t = 0, so the step leaving t = 1 and the step into t = 0 are taken at first order
+# (the finite-difference history needs finite λ), as `sample_dpmpp_2m` does.
+
+
+def _sde_coefficients(s: float, t: float, eta: float) -> tuple[float, float, float, float]:
+    """(h, ηh, x coefficient, noise coefficient) of the DPM-Solver++ SDE step s → t (0 < t < s ≤ 1):
+    x_t = (σ_t/σ_s)·e^(−ηh)·x_s + α_t·(1 − e^(−h−ηh))·D + σ_t·√(1 − e^(−2ηh))·z."""
+    h = log_snr(t) - log_snr(s)
+    eta_h = 0.0 if eta == 0 else eta * h
+    return h, eta_h, (t / s) * math.exp(-eta_h), t * math.sqrt(-math.expm1(-2 * eta_h))
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    generator=None,
+    noise_sampler=None,
+    solver_type="midpoint",
+    step_end=None,
+):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion's and ComfyUI's "dpmpp_2m_sde") in flow form:
+
+        x_t = (σ_t/σ_s)·e^(−ηh)·x_s + α_t·(1 − e^(−h−ηh))·D_s + σ_t·√(1 − e^(−2ηh))·s_noise·z
+        + α_t·(1 − e^(−h−ηh))·(D_s − D_prev)/(2r)       ("midpoint"; r = h_prev/h)
+
+    eta = 0 is the ODE solver `sample_dpmpp_2m` exactly; eta = 1 adds the SDE's fresh noise.
+    solver_type "heun" replaces the ½ by (1 − (1 − e^(−h−ηh))/(h + ηh))/(1 − e^(−h−ηh)).
+    Noise: `noise_sampler(s, t)` or `generator` (see `noise_like`). 1 evaluation per step."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ConfigError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    extra_args = extra_args or {}
+    ts = flow_times(sigmas)
+    draw = noise_source(generator, noise_sampler)
+    x0_prev, h_prev = None, math.inf
+    for i in step_range(len(ts) - 1, disable):
+        s, t = ts[i], ts[i + 1]
+        x0 = denoise(model, x, s, **extra_args)
+        report(callback, x, i, s, x0)
+        if t == 0:
+            x = end_step(step_end, i, x0, t)
+            continue
+        h, eta_h, cx, cz = _sde_coefficients(s, t, eta)
+        phi = -math.expm1(-h - eta_h)  # 1 − e^(−h−ηh)
+        x = cx * x + (1 - t) * phi * x0
+        if x0_prev is not None and math.isfinite(h) and math.isfinite(h_prev):
+            r = h_prev / h
+            if solver_type == "midpoint":
+                x = x + (1 - t) * 0.5 * phi / r * (x0 - x0_prev)
+            else:
+                x = x + (1 - t) * (1 - phi / (h + eta_h)) / r * (x0 - x0_prev)
+        if cz > 0:
+            x = x + cz * s_noise * draw(x, s, t)
+        x0_prev, h_prev = x0, h
+        x = end_step(step_end, i, x, t)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    eta=1.0,
+    s_noise=1.0,
+    generator=None,
+    noise_sampler=None,
+    step_end=None,
+):
+    """DPM-Solver++(3M) SDE (k-diffusion's and ComfyUI's "dpmpp_3m_sde") in flow form: the 2M SDE
+    step with D extrapolated from the last three x0s by divided differences in λ,
+
+        x_t = (σ_t/σ_s)·e^(−ηh)·x_s + α_t·[(1 − e^(−ĥ))·D_s + φ₂·d₁ − φ₃·d₂] + σ_t·√(1 − e^(−2ηh))·z,
+        ĥ = (1 + η)·h,  φ₂ = (1 − e^(−ĥ))/ĥ − 1 ... (k-diffusion's φ₂ = expm1(−ĥ)/ĥ + 1, φ₃ = φ₂/ĥ − ½)
+
+    eta = 0 is a third-order multistep ODE solver. 1 evaluation per step."""
+    extra_args = extra_args or {}
+    ts = flow_times(sigmas)
+    draw = noise_source(generator, noise_sampler)
+    x0_1 = x0_2 = None
+    h_1 = h_2 = math.inf
+    for i in step_range(len(ts) - 1, disable):
+        s, t = ts[i], ts[i + 1]
+        x0 = denoise(model, x, s, **extra_args)
+        report(callback, x, i, s, x0)
+        if t == 0:
+            x = end_step(step_end, i, x0, t)
+            continue
+        h, eta_h, cx, cz = _sde_coefficients(s, t, eta)
+        h_eta = h + eta_h
+        x = cx * x + (1 - t) * -math.expm1(-h_eta) * x0
+        if math.isfinite(h) and math.isfinite(h_1):
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if math.isfinite(h_2):
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (x0 - x0_1) / r0
+                d1_1 = (x0_1 - x0_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + (1 - t) * (phi_2 * d1 - phi_3 * d2)
+            else:
+                x = x + (1 - t) * phi_2 * (x0 - x0_1) / (h_1 / h)
+        if cz > 0:
+            x = x + cz * s_noise * draw(x, s, t)
+        x0_1, x0_2, h_1, h_2 = x0, x0_1, h, h_1
+        x = end_step(step_end, i, x, t)
+    return x
+
+
+def _unipc_coefficients(rks: list[float], h: float, variant: str) -> tuple[list[float], float, float]:
+    """UniPC's (b_k / B(h), k = 1…order; h·φ₁ = e^(−h) − 1; B(h)) for data prediction (hh = −h)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    b, fact = [], 1
+    for k in range(1, len(rks) + 1):
+        b.append(h_phi_k * fact / b_h)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return b, h_phi_1, b_h
+
+
+def _unipc_rhos(rks: list[float], b: list[float], corrector: bool) -> list[float]:
+    """Solve R·ρ = b with R[i][j] = rks[j]^i (the predictor drops the last row and column)."""
+    k = len(rks) if corrector else len(rks) - 1
+    if k == 0:
+        return []
+    if k == 1:
+        return [0.5]
+    R = torch.tensor([[rks[j] ** i for j in range(k)] for i in range(k)], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b[:k], dtype=torch.float64)).tolist()
+
+
+@torch.no_grad()
+def sample_uni_pc(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, order=3, variant="bh1", step_end=None
+):
+    """UniPC (Zhao et al. 2023; ComfyUI's "uni_pc" is variant "bh1", "uni_pc_bh2" is "bh2"): a
+    multistep predictor (UniP) of order `order` plus a corrector (UniC) that reuses the model's
+    evaluation at the new point, so one evaluation per step at order + 1 accuracy, in flow form with
+    data prediction. The history holds the x0s at flow times with finite λ; the order warms up from
+    1 and drops to 1 for the step into t = 0 (diffusers' `lower_order_final`)."""
+    if variant not in ("bh1", "bh2"):
+        raise ConfigError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
+        raise ConfigError(f"order must be 1, 2 or 3, got {order!r}")
+    extra_args = extra_args or {}
+    ts = flow_times(sigmas)
+    hist: list[tuple[float, Tensor]] = []  # (λ, x0) at the visited flow times, newest last
+    x_prev = None  # x at the previous flow time (for the corrector)
+    prev_order = 0
+    for i in step_range(len(ts) - 1, disable):
+        s, t = ts[i], ts[i + 1]
+        x0 = denoise(model, x, s, **extra_args)
+        report(callback, x, i, s, x0)
+        lam_s = log_snr(s)
+        if x_prev is not None and prev_order > 0:
+            x = _unipc_update(x_prev, hist[-prev_order:], lam_s, s, x0, variant, corrector=True)
+        hist.append((lam_s, x0))
+        finite = [p for p in hist if math.isfinite(p[0])]
+        k = min(order, len(finite)) if t > 0 and math.isfinite(lam_s) else 1
+        x_prev = x
+        if k == 1 or t == 0:
+            x = x0 if t == 0 else _first_order(x, s, t, x0)
+            prev_order = 1 if t > 0 and math.isfinite(lam_s) else 0
+        else:
+            x = _unipc_update(x, finite[-k:], log_snr(t), t, None, variant, corrector=False)
+            prev_order = k
+        x = end_step(step_end, i, x, t)
+    return x
+
+
+def _first_order(x: Tensor, s: float, t: float, x0: Tensor) -> Tensor:
+    """DDIM / first-order DPM-Solver++ in flow form: x_t = (t/s)·x_s + (1 − t/s)·x0."""
+    return (t / s) * x + (1 - t / s) * x0
+
+
+def _unipc_update(x, hist, lam_t, t, x0_t, variant, corrector):
+    """One UniP (corrector=False) or UniC (x0_t = the model's x0 at the new point) update from the
+    newest history point (λ_s, x0_s) to flow time t; hist = the last k points with finite λ."""
+    lam_s, m0 = hist[-1]
+    s = 1 / (1 + math.exp(lam_s))  # t from λ = log((1 − t)/t)
+    h = lam_t - lam_s
+    rks = [(lam_i - lam_s) / h for lam_i, _ in reversed(hist[:-1])] + [1.0]
+    d1s = [(m_i - m0) / rk for (_, m_i), rk in zip(reversed(hist[:-1]), rks)]
+    b, h_phi_1, b_h = _unipc_coefficients(rks, h, variant)
+    x_t = (t / s) * x - (1 - t) * h_phi_1 * m0
+    rhos = _unipc_rhos(rks, b, corrector)
+    res = sum((r * d for r, d in zip(rhos, d1s)), torch.zeros_like(x))
+    if corrector:
+        res = res + rhos[-1] * (x0_t - m0)
+    return x_t - (1 - t) * b_h * res
+
+
+def _lagrange_weights(
+    nodes: list[float], a: float, b: float, weight: Callable[[Tensor], Tensor]
+) -> list[float]:
+    """∫_a^b L_j(τ)·weight(τ) dτ for the Lagrange basis L_j over `nodes`, by 64-point Gauss–Legendre
+    (exact for the polynomial part; the weight here is smooth on [a, b])."""
+    import numpy as np  # lazy: importing fluxcore stays cheap
+
+    xs, ws = np.polynomial.legendre.leggauss(64)
+    tau = torch.tensor(0.5 * (b - a) * xs + 0.5 * (b + a), dtype=torch.float64)
+    w = torch.tensor(0.5 * (b - a) * ws, dtype=torch.float64) * weight(tau)
+    out = []
+    for j, nj in enumerate(nodes):
+        basis = torch.ones_like(tau)
+        for m, nm in enumerate(nodes):
+            if m != j:
+                basis = basis * (tau - nm) / (nj - nm)
+        out.append(float((basis * w).sum()))
+    return out
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, step_end=None):
+    """DEIS, time-based Adams–Bashforth (Zhang & Chen 2023, "tAB"; ComfyUI's "deis", max order 3), in
+    flow form with data prediction: the exact solution of the flow ODE dx/dt = (x − x0)/t is
+
+        x_t = (t/s)·x_s + t·∫_t^s x0(τ)/τ² dτ,
+
+    and x0(τ) is replaced by the Lagrange polynomial in τ through the last `max_order` x0s (fewer
+    while warming up), whose integrals against 1/τ² are the step's weights. The step into t = 0
+    returns x0. 1 evaluation per step."""
+    if isinstance(max_order, bool) or not isinstance(max_order, int) or not 1 <= max_order <= 4:
+        raise ConfigError(f"max_order must be 1…4, got {max_order!r}")
+    extra_args = extra_args or {}
+    ts = flow_times(sigmas)
+    hist: list[tuple[float, Tensor]] = []
+    for i in step_range(len(ts) - 1, disable):
+        s, t = ts[i], ts[i + 1]
+        x0 = denoise(model, x, s, **extra_args)
+        report(callback, x, i, s, x0)
+        hist = (hist + [(s, x0)])[-max_order:]
+        if t == 0:
+            x = x0
+        else:
+            nodes = [p[0] for p in hist]
+            weights = _lagrange_weights(nodes, t, s, lambda tau, t=t: t / tau**2)
+            x = (t / s) * x + sum(w * m for w, (_, m) in zip(weights, hist))
+        x = end_step(step_end, i, x, t)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    generator=None,
+    noise_sampler=None,
+    step_end=None,
+):
+    """Latent Consistency Model sampling (ComfyUI's "lcm"): each step jumps to the model's x0 and
+    re-noises it to the next flow time with fresh noise, x_t = (1 − t)·D + t·z, for few-step
+    (consistency-distilled) models. 1 evaluation per step; noise from `noise_sampler` or `generator`."""
+    extra_args = extra_args or {}
+    ts = flow_times(sigmas)
+    draw = noise_source(generator, noise_sampler)
+    for i in step_range(len(ts) - 1, disable):
+        s, t = ts[i], ts[i + 1]
+        x0 = denoise(model, x, s, **extra_args)
+        report(callback, x, i, s, x0)
+        x = x0 if t == 0 else (1 - t) * x0 + t * draw(x0, s, t)
+        x = end_step(step_end, i, x, t)
     return x
 
 
@@ -447,6 +629,12 @@ SAMPLERS: dict[str, Callable] = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "euler_ancestral": sample_euler_ancestral,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "uni_pc": sample_uni_pc,
+    "uni_pc_bh2": functools.partial(sample_uni_pc, variant="bh2"),
+    "deis": sample_deis,
+    "lcm": sample_lcm,
 }
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fluxcore.errors import ConfigError
+from fluxcore.errors import ConfigError, TrainingDivergedError
 from fluxcore.latents import make_img_ids, pack
 from fluxcore.sampling import get_lin_function, time_shift
 
@@ -150,6 +150,10 @@ class TrainConfig:
     batch has none. seed: noise and timesteps.
     log_every: print a line every N steps (0: silent). max_seconds: stop early after this much
     wall time (for fixed compute budgets; the LR schedule still assumes `steps`).
+    checkpoint_every, checkpoint_path: save the model with `save_checkpoint` (atomically) every N
+    steps and after the last one (0: never).
+    Every value is checked when the config is made and again when `train` starts (ConfigError
+    naming the field, the value and the valid range).
     """
 
     steps: int = 1000
@@ -168,6 +172,69 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 0
     max_seconds: float | None = None
+    checkpoint_every: int = 0
+    checkpoint_path: str | Path | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first value out of range."""
+
+        def num(v) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        def integer(v) -> bool:
+            return not isinstance(v, bool) and isinstance(v, int)
+
+        betas = self.betas
+        checks = [
+            ("steps", integer(self.steps) and self.steps >= 1, "an int >= 1"),
+            ("lr", num(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("weight_decay", num(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            (
+                "betas",
+                isinstance(betas, (tuple, list))
+                and len(betas) == 2
+                and all(num(b) and 0 <= b < 1 for b in betas),
+                "two numbers in [0, 1)",
+            ),
+            ("warmup", integer(self.warmup) and self.warmup >= 0, "an int >= 0"),
+            ("cosine", isinstance(self.cosine, bool), "a bool"),
+            ("min_lr_ratio", num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "a number in [0, 1]"),
+            (
+                "grad_clip",
+                self.grad_clip is None or (num(self.grad_clip) and self.grad_clip > 0),
+                "None or a finite number > 0",
+            ),
+            ("timesteps", self.timesteps in ("uniform", "logit_normal"), "'uniform' or 'logit_normal'"),
+            ("logit_mean", num(self.logit_mean), "a finite number"),
+            ("logit_std", num(self.logit_std) and self.logit_std > 0, "a finite number > 0"),
+            ("resolution_shift", isinstance(self.resolution_shift, bool), "a bool"),
+            ("guidance", num(self.guidance), "a finite number"),
+            ("seed", integer(self.seed), "an int"),
+            ("log_every", integer(self.log_every) and self.log_every >= 0, "an int >= 0"),
+            (
+                "max_seconds",
+                self.max_seconds is None
+                or (
+                    not isinstance(self.max_seconds, bool)
+                    and isinstance(self.max_seconds, (int, float))
+                    and self.max_seconds > 0
+                ),
+                "None or a number > 0",
+            ),
+            (
+                "checkpoint_every",
+                integer(self.checkpoint_every) and self.checkpoint_every >= 0,
+                "an int >= 0",
+            ),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r:.80}")
+        if self.checkpoint_every and self.checkpoint_path is None:
+            raise ConfigError("TrainConfig.checkpoint_every is set but checkpoint_path is None")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -248,8 +315,13 @@ def train(
     optimizer: default AdamW over model + extra parameters (its LR is set each step from config).
     ema: an `EMA(model, decay)` to update after every step (sample and save with `ema.model`).
     on_step(step, loss): called after every step. Returns the per-step losses (floats).
+
+    A NaN/Inf loss or gradient norm stops training with TrainingDivergedError naming the step,
+    before that step touches the weights, the EMA or the checkpoint: the model (and the file at
+    `config.checkpoint_path`) keep the last finite step's weights.
     """
     config = config or TrainConfig()
+    config.validate()
     params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
     if optimizer is None:
         optimizer = torch.optim.AdamW(
@@ -286,14 +358,29 @@ def train(
         )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDivergedError(_diverged(step, f"the loss is {value}", config), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not bool(torch.isfinite(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(
+                _diverged(step, f"the loss is {value:.4g} but the gradient norm is {float(norm)}", config),
+                step,
+            )
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        losses.append(loss.item())
+        losses.append(value)
+        done = step + 1
+        if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+            save_checkpoint(model, config.checkpoint_path)
         if on_step is not None:
             on_step(step, losses[-1])
         if config.log_every and (step + 1) % config.log_every == 0:
@@ -310,10 +397,20 @@ def train(
     return losses
 
 
+def _diverged(step: int, what: str, config: TrainConfig) -> str:
+    kept = f"; {config.checkpoint_path} holds the last checkpoint saved" if config.checkpoint_every else ""
+    return (
+        f"training diverged at step {step} (0-based): {what}. The step was not applied: the model keeps the "
+        f"weights after step {step - 1}{kept}. Try a lower lr (now {config.lr:g}), warmup, or grad_clip"
+    )
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, **save_options) -> Path:
     """Write the transformer's weights where `fluxcore.load_flux` (and the reference loaders)
     read them: a BFL single file by default; `save_options` go to `fluxcore.save_flux`
-    (e.g. format="diffusers"). Pass `ema.model` to save the averaged weights."""
+    (e.g. format="diffusers"). Pass `ema.model` to save the averaged weights.
+    Atomic: a reader sees the previous checkpoint or this one, never a mix; weights holding
+    NaN/Inf are refused (NonFiniteWeightsError) and the previous checkpoint stays."""
     from fluxcore.weights import save_flux
 
     save_flux(model, path, **save_options)

@@ -104,18 +104,19 @@ def _flash_attention_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok)
 
 
-# Autotuning candidates. They are chosen from the published Triton/FlashAttention tunings for these
-# GPUs, not measured here: the autotuner times them on first use and keeps the fastest per head dim
-# and dtype. Candidates that do not fit in shared memory (float32, D = 256) are skipped by it; the
-# last, small one always fits.
+# Autotuning candidates per GPU family and head-dim bucket. They are chosen from the published
+# Triton/FlashAttention tunings for these GPUs, not measured here: the autotuner times them on
+# first use and keeps the fastest per head dim, dtype and L. Every entry is compiled ahead of time
+# for each GPU of its family by tests/test_kernels_aot.py, which checks shared memory against the
+# GPU's limit and that ptxas spills no registers; entries that failed were removed (see comments).
 def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-_FALLBACK = _cfg(32, 32, 4, 1)
+_FALLBACK = _cfg(32, 32, 4, 1)  # always fits, never spills: the list is never empty
 _CONFIGS = {
-    # Hopper (H100/H200, 228 KB shared memory per SM): large tiles and 3-4 stage pipelines.
-    "hopper": {
+    # Hopper and datacenter Blackwell (H100/H200, B200: 227 KB shared memory per block).
+    "sm90": {
         64: [_cfg(128, 128, 4, 3), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4)],
         128: [
             _cfg(128, 128, 8, 3),
@@ -126,8 +127,14 @@ _CONFIGS = {
         ],
         256: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
     },
-    # Ampere/Ada (A100: 164 KB, consumer parts ~100 KB): BLOCK_N 64 and shallower pipelines.
-    "ampere": {
+    # A100 (163 KB): BLOCK_N 64 and shallower pipelines.
+    "sm80": {
+        64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 4, 2), _cfg(64, 64, 4, 3)],
+        128: [_cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
+        256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+    },
+    # Consumer Ampere/Ada/Blackwell (RTX 3090/4090/5090, A10, L4, L40: 99 KB per block).
+    "sm86": {
         64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 4, 2), _cfg(64, 64, 4, 3)],
         128: [_cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
         256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
@@ -135,16 +142,30 @@ _CONFIGS = {
 }
 
 
+def family(capability: tuple[int, int]) -> str:
+    """The autotune table for a CUDA compute capability: "sm90" (9.x, 10.x), "sm80" (8.0) or
+    "sm86" (8.6, 8.7, 8.9, 12.x and other parts with ~99 KB of shared memory per block)."""
+    major, minor = capability
+    if major in (9, 10):
+        return "sm90"
+    if (major, minor) == (8, 0):
+        return "sm80"
+    return "sm86"
+
+
+def autotune_configs(fam: str, head_dim: int) -> list[triton.Config]:
+    """The candidates autotuned for one GPU family and head dim (head dims ≤ 64 share a list)."""
+    return _CONFIGS[fam][max(64, head_dim)] + [_FALLBACK]
+
+
 @functools.cache
-def _tuned_kernel(arch: str, head_dim: int):
-    """The kernel autotuned over the candidates for one GPU family and head dim (≤ 64 share a list)."""
-    configs = _CONFIGS[arch][max(64, head_dim)] + [_FALLBACK]
+def _tuned_kernel(fam: str, head_dim: int):
     # L in the key: the best tile differs between 1.5k and 17k tokens; one tuning per resolution.
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "L"])(_flash_attention_kernel)
+    return triton.autotune(configs=autotune_configs(fam, head_dim), key=["HEAD_DIM", "L"])(_flash_attention_kernel)
 
 
 def _arch(device: torch.device) -> str:
-    return "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere"
+    return family(torch.cuda.get_device_capability(device))
 
 
 def _shape_reason(q: Tensor) -> str | None:

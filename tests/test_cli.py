@@ -64,11 +64,16 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
         model=str(model),
     ).items():
         assert text[key] == value, key
-    assert json.loads(text["parameters"])["seed"] == 9
-    # same settings → the same pixels
-    out2 = tmp_path / "again.png"
-    cli.main(argv(out2))
-    assert Image.open(out2).tobytes() == img.tobytes()
+    assert json.loads(text["fluxcore"])["seed"] == 9
+    a1111 = text["parameters"].splitlines()
+    assert a1111[0] == "a cat on mars" and "Steps: 2, Sampler: heun, Schedule type: simple" in a1111[1]
+    assert "Seed: 9, Size: 48x32" in a1111[1]
+    # same settings → the same pixels; an existing file is not overwritten but numbered
+    cli.main(argv(out))
+    again = out.with_name("img-1.png")
+    assert Image.open(again).tobytes() == img.tobytes()
+    assert cli.main(argv(out) + ["--overwrite", "--seed", "10"]) == 0
+    assert Image.open(out).text["seed"] == "10" and not out.with_name("img-2.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -86,18 +91,86 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
         (["generate", "x", "--negative-prompt", "dog", "--model", "."], "needs --true-cfg"),
         (["info", "/no/such/file.safetensors"], "no such file"),
         (["frobnicate"], "invalid choice"),
+        (["generate", "x", "--scheduler", "nope"], "invalid choice: 'nope'"),
+        (["generate", "x", "--num-images", "0"], "must be positive"),
+        (["generate", "x", "--strength", "1.5"], "must be in (0, 1]"),
+        (["generate", "x", "--strength", "0.5"], "--strength needs --image"),
+        (["generate", "x", "--mask", "m.png"], "--mask needs --image"),
+        (["generate", "x", "--image", "/no/such.png"], "--image /no/such.png: no such file"),
+        (["generate", "x", "--width", "20000"], "width must be in [16, 8192]"),
+        (["generate", "x", "--max-sequence-length", "4000"], "must be <= 512"),
+        (["generate", "x", "--out", "DIR.png"], "is a folder"),
+        (["generate", "x", "--out", "/dev/null/x.png"], "cannot be created"),
     ],
 )
-def test_misuse_exits_2_with_one_line(argv, match, capsys):
+def test_misuse_exits_2_with_one_line(argv, match, capsys, tmp_path):
+    (tmp_path / "DIR.png").mkdir()
+    argv = [str(tmp_path / a) if a == "DIR.png" else a for a in argv]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
 
 
-def test_bad_values_from_the_library_exit_2(model, capsys):
+def test_bad_values_from_the_library_exit_2(model, capsys, tmp_path):
     assert cli.main(["generate", "x", "--model", str(model), "--width", "100000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fluxcore: error: width must be in") and len(err.splitlines()) == 1
+    # known only once the model is loaded: a mask for a text-to-image model
+    (tmp_path / "m.png").write_bytes(_png(32, 32))
+    args = ["generate", "x", "--model", str(model), "--image", str(tmp_path / "m.png"), "--mask", str(tmp_path / "m.png"),
+            "--out", str(tmp_path / "o.png"), "--width", "32", "--height", "32"]  # fmt: skip
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mask_image is for Fill models" in err and len(err.splitlines()) == 1
+
+
+def _png(w, h, seed=0):
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_version_and_demo_defaults(capsys, tmp_path):
+    import fluxcore
+
+    assert (
+        cli.main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"fluxcore {fluxcore.__version__}"
+    )
+    # --model naming the shipped demo gets the demo's defaults (64x64), as no --model does
+    out = tmp_path / "demo.png"
+    assert (
+        cli.main(
+            [
+                "generate",
+                "a red circle",
+                "--model",
+                str(cli.DEMO_MODEL),
+                "--steps",
+                "1",
+                "--seed",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert Image.open(out).size == (64, 64)
+    assert "loading" in printed and "decoding" in printed and "decoded in" in printed  # progress lines
+
+
+def test_num_images_are_the_single_seed_images(model, tmp_path):
+    base = ["generate", "a cat", "--model", str(model), "--steps", "2", "--width", "32", "--height", "32",
+            "--max-sequence-length", "16", "--sampler", "euler_ancestral"]  # fmt: skip
+    assert cli.main(base + ["--seed", "5", "--num-images", "2", "--out", str(tmp_path / "b.png")]) == 0
+    assert cli.main(base + ["--seed", "6", "--out", str(tmp_path / "one.png")]) == 0
+    second = Image.open(tmp_path / "b-1.png")
+    assert second.text["seed"] == "6" and second.tobytes() == Image.open(tmp_path / "one.png").tobytes()
 
 
 def test_missing_demo_model_exits_2(monkeypatch, tmp_path, capsys):
@@ -120,3 +193,64 @@ def test_console_script_has_no_traceback():
         timeout=120,
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+# --- subprocesses: every mode, atomic writes ---------------------------------------------------
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fluxcore.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["dev", "fill", "canny", "kontext"])
+def test_every_mode_in_a_subprocess(variant, model, tmp_path):
+    folder = model if variant == "dev" else write_tiny_snapshot(tmp_path / variant, variant=variant, seed=2)
+    pic = tmp_path / "in.png"
+    pic.write_bytes(_png(48, 32))
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(_png(48, 32, seed=1))
+    extra = {
+        "dev": ["--image", pic, "--strength", "0.7"],
+        "fill": ["--image", pic, "--mask", mask],
+        "canny": ["--control-image", pic],
+        "kontext": ["--image", pic, "--no-kontext-resize"],
+    }[variant]
+    out = tmp_path / "out.png"
+    p = run_cli("generate", "a cat", "--model", folder, "--steps", "2", "--seed", "3", "--out", out,
+                "--max-sequence-length", "16", "--width", "48", "--height", "32", *extra)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr and f"wrote {out}" in p.stdout
+    img = Image.open(out)
+    assert img.size == (48, 32) and img.text["seed"] == "3"
+    if variant == "dev":
+        assert img.text["strength"] == "0.7" and "Denoising strength: 0.7" in img.text["parameters"]
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
+    import signal
+
+    target = tmp_path / "keep.png"
+    target.write_bytes(_png(8, 8))
+    old = target.read_bytes()
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from PIL.PngImagePlugin import PngInfo\n"
+        "from fluxcore import cli\n"
+        "class Slow:\n"
+        "    def save(self, f, format, pnginfo):\n"
+        "        f.write(b'\\x89PNG half of it'); f.flush(); print('writing', flush=True); time.sleep(120)\n"
+        "cli.write_atomically(Slow(), Path(sys.argv[1]), PngInfo())\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        p.kill()
+    assert target.read_bytes() == old  # the old file, whole
+    assert [q.name for q in tmp_path.iterdir() if q.name != "keep.png"][0].startswith(
+        ".keep.png."
+    )  # only a temp file

@@ -497,3 +497,172 @@ def test_samplers_doc_example_runs():
     for i, code in enumerate(blocks):
         exec(compile(code, f"samplers.md[block {i}]", "exec"), namespace)
     assert "midpoint" not in SAMPLERS
+
+
+# --- SDE and multistep samplers (ComfyUI's names) ------------------------------------------------
+
+from fluxcore.sampling import (  # noqa: E402
+    noise_like,
+    sample_deis,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m_sde,
+    sample_lcm,
+    sample_uni_pc,
+)
+
+
+def test_comfyui_sampler_names_are_registered():
+    for name in ["euler", "heun", "dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde",
+                 "uni_pc", "uni_pc_bh2", "deis", "lcm"]:  # fmt: skip
+        assert callable(get_sampler(name)), name
+
+
+def interior_errors(fn, steps, mu=0.7, s=0.4, **kw):
+    """Max error integrating the exact flow from t = 0.9 to t = 0.1 (both λ finite), so the
+    solver's own order shows without the first-order steps at t = 1 and t = 0."""
+
+    def exact(x1, t):
+        return (1 - t) * mu + math.sqrt((1 - t) ** 2 * s * s + t * t) * x1
+
+    x1 = torch.linspace(-2.5, 2.5, 11, dtype=torch.float64).reshape(11, 1, 1)
+    out = []
+    for n in steps:
+        ts = torch.linspace(0.9, 0.1, n + 1, dtype=torch.float64)
+        x = fn(GaussianDenoiser(mu, s), exact(x1, 0.9), ts, disable=True, **kw)
+        out.append((x - exact(x1, 0.1)).abs().max().item())
+    return out
+
+
+@pytest.mark.parametrize(
+    "fn,kw,lo,hi",
+    [
+        (sample_uni_pc, dict(order=1), 1.9, 2.1),  # UniP-1 + UniC: order 2 for one evaluation per step
+        (sample_uni_pc, dict(order=2), 2.85, 3.1),
+        (sample_uni_pc, dict(order=3), 3.3, 4.3),
+        (sample_uni_pc, dict(order=3, variant="bh2"), 3.3, 4.3),
+        (sample_deis, dict(max_order=2), 1.8, 2.1),
+        (sample_deis, dict(max_order=3), 3.0, 8.0),
+        (sample_dpmpp_3m_sde, dict(eta=0.0), 1.8, 2.3),  # its first-order start step bounds it at 2
+    ],
+)
+def test_multistep_orders_on_the_gaussian_flow(fn, kw, lo, hi):
+    errs = interior_errors(fn, [32, 64, 128], **kw)
+    p = orders(errs)
+    assert lo < p[-1] < hi, (errs, p)
+
+
+@pytest.mark.parametrize("fn", [sample_uni_pc, sample_deis, sample_dpmpp_3m_sde, sample_dpmpp_2m_sde])
+def test_multistep_samplers_converge_on_the_flux_grid(fn):
+    # On the full 1 → 0 grid the steps leaving t = 1 and entering t = 0 are first order in λ
+    # (infinite there), which caps every solver at order ≈ 2; all beat Euler by far.
+    kw = {"eta": 0.0} if "sde" in fn.__name__ else {}
+    e = errors(lambda m, x, ts, disable: fn(m, x, ts, disable=disable, **kw), 0.7, 0.4, [64, 128, 256], True)
+    p = orders(e)
+    assert e[-1] < 3e-3 and p[-1] > 1.4, (e, p)
+    assert e[0] < 0.5 * errors(sample_euler, 0.7, 0.4, [64], True)[0]
+
+
+def test_dpmpp_2m_sde_without_noise_is_dpmpp_2m():
+    m = GaussianDenoiser(0.2, 0.7)
+    x = torch.randn(5, 3, 2, dtype=torch.float64)
+    ts = get_schedule(12, 1024)
+    torch.testing.assert_close(
+        sample_dpmpp_2m_sde(m, x, ts, eta=0.0, disable=True), sample_dpmpp_2m(m, x, ts, disable=True)
+    )
+
+
+def exact_law(fn, mu, s, ts, model=None, **kw):
+    """(mean, variance) of the sampler's output for x_1 ~ N(0, 1), exactly: with a Gaussian
+    denoiser every step is affine in x and in its noise, so one batch row per input (x_1 = 0; x_1 = 1;
+    a unit draw at step k) gives every coefficient."""
+    rows = len(ts) + 1
+    x = torch.zeros(rows, 1, 1, dtype=torch.float64)
+    x[1] = 1
+    k = [0]
+
+    def unit_noise(a, b):
+        z = torch.zeros(rows, 1, 1, dtype=torch.float64)
+        z[2 + k[0]] = 1
+        k[0] += 1
+        return z
+
+    out = fn(model or GaussianDenoiser(mu, s), x, ts, disable=True, noise_sampler=unit_noise, **kw).flatten()
+    return out[0].item(), ((out[1:] - out[0]) ** 2).sum().item()
+
+
+@pytest.mark.parametrize(
+    "fn,kw",
+    [
+        (sample_dpmpp_2m_sde, {}),
+        (sample_dpmpp_2m_sde, dict(solver_type="heun")),
+        (sample_dpmpp_2m_sde, dict(eta=0.5)),
+        (sample_dpmpp_3m_sde, {}),
+        (sample_euler_ancestral, {}),
+    ],
+)
+def test_sde_samplers_converge_in_law(fn, kw):
+    mu, s = 0.6, 0.45
+    errs = []
+    for n in [50, 100, 200, 400]:
+        m, v = exact_law(fn, mu, s, get_schedule(n, 1024), **kw)
+        errs.append(abs(m - mu) + abs(v - s * s))
+    assert errs[-1] < 6e-3 and all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_lcm_renoises_and_is_exact_with_a_consistency_model():
+    mu, s = 0.6, 0.45
+
+    class Consistency:  # the exact probability-flow endpoint of x_t: what an LCM learns
+        def __call__(self, x, sigma):
+            t = sigma.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+            return mu + s * (x - (1 - t) * mu) / ((1 - t) ** 2 * s**2 + t**2).sqrt()
+
+    for n in [1, 2, 4]:
+        m, v = exact_law(sample_lcm, mu, s, get_schedule(n, 1024, shift=False), model=Consistency())
+        assert abs(m - mu) < 1e-12 and abs(v - s * s) < 1e-12, (n, m, v)
+    # each step is x = (1 − t)·D + t·z
+    z = torch.randn(2, 3, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    g = GaussianDenoiser(mu, s)
+    out = sample_lcm(g, x, [1.0, 0.4], disable=True, noise_sampler=lambda a, b: z)
+    torch.testing.assert_close(out, 0.6 * g(x, torch.ones(2, dtype=torch.float64)) + 0.4 * z)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"])
+def test_stochastic_samplers_draw_only_from_their_generators(name):
+    fn = get_sampler(name)
+    m = GaussianDenoiser(0.1, 0.8)
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    ts = get_schedule(6, 512)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8, 9)]
+    batch = fn(m, x, ts, disable=True, generator=gens)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    for i, seed in enumerate((7, 8, 9)):  # one generator per image: batch and single runs agree
+        single = fn(m, x[i : i + 1], ts, disable=True, generator=[torch.Generator().manual_seed(seed)])
+        torch.testing.assert_close(batch[i : i + 1], single, rtol=0, atol=0)
+    # no generator: still no global RNG, and reproducible
+    a = fn(m, x, ts, disable=True)
+    assert torch.equal(torch.get_rng_state(), state) and torch.equal(a, fn(m, x, ts, disable=True))
+
+
+def test_noise_like_refuses_a_generator_count_mismatch():
+    with pytest.raises(ConfigError, match="2 generators for a batch of 3"):
+        noise_like(torch.zeros(3, 2), [torch.Generator(), torch.Generator()])
+
+
+def test_step_end_can_edit_latents_in_every_sampler():
+    m = GaussianDenoiser(0.3, 0.5)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    ts = get_schedule(5, 256)
+    for name, fn in SAMPLERS.items():
+        seen = []
+
+        def hook(i, x, t):
+            seen.append((i, t))
+            return torch.zeros_like(x) if i == len(ts) - 2 else None
+
+        out = fn(m, x, ts, disable=True, step_end=hook)
+        assert [i for i, _ in seen] == list(range(5)) and seen[-1][1] == 0.0, name
+        assert torch.equal(out, torch.zeros_like(x)), name

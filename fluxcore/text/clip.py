@@ -28,6 +28,18 @@ from fluxcore.errors import ConfigError
 LEGACY_EOS_TOKEN_ID = 2
 
 
+# Upper bounds on sizes read from a config.json: far above CLIP-L (vocab 49408, width 768, 12
+# layers, 77 positions), low enough that a corrupt or hostile value fails here, not in an allocation.
+_CLIP_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 1 << 10,
+    "max_position_embeddings": 1 << 16,
+}
+
+
 @dataclass(frozen=True)
 class CLIPTextConfig:
     """Frozen CLIP text-tower hyper-parameters, named as in transformers' `CLIPTextConfig`.
@@ -48,16 +60,20 @@ class CLIPTextConfig:
     eos_token_id: int = LEGACY_EOS_TOKEN_ID
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "max_position_embeddings",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"CLIPTextConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name, hi in _CLIP_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise ConfigError(f"CLIPTextConfig.{name} must be an int in [1, {hi}], got {value!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"CLIPTextConfig.layer_norm_eps must be a number in (0, 1), got {eps!r}")
+        eos = self.eos_token_id
+        if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
+            # The pooled vector is read at the first position holding this id: outside the
+            # vocabulary, no position ever does and every prompt would pool the wrong token.
+            raise ConfigError(
+                f"CLIPTextConfig.eos_token_id must be a token id in [0, vocab_size={self.vocab_size}), got {eos!r}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"CLIPTextConfig: hidden_size {self.hidden_size} is not divisible by "
@@ -77,16 +93,19 @@ class CLIPTextConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> CLIPTextConfig:
-        """From a transformers `config.json` of a CLIPTextModel (or a CLIPModel's `text_config`)."""
-        if "text_config" in d and "hidden_size" not in d:
+        """From a transformers `config.json` of a CLIPTextModel (or a CLIPModel's `text_config`).
+        Values of the wrong type or out of bounds raise ConfigError."""
+        if isinstance(d, dict) and "text_config" in d and "hidden_size" not in d:
             d = d["text_config"]
+        if not isinstance(d, dict):
+            raise ConfigError(f"a CLIP text config must be a JSON object, got {type(d).__name__}")
         if d.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
             raise ConfigError(
                 f"config.json has model_type {d.get('model_type')!r}; expected 'clip_text_model'"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: d[k] for k in fields if k in d}
-        if isinstance(kw.get("eos_token_id"), list):
+        if isinstance(kw.get("eos_token_id"), list) and kw["eos_token_id"]:
             kw["eos_token_id"] = kw["eos_token_id"][0]
         # transformers' own default when the key is absent.
         kw.setdefault("eos_token_id", 49407)

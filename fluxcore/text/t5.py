@@ -30,6 +30,21 @@ from fluxcore.errors import ConfigError
 _GATED_TANH_GELU = ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh", "gated-gelu_fast")
 
 
+# Upper bounds on sizes read from a config.json: far above any released T5 (XXL: vocab 32128,
+# d_model 4096, d_ff 10240, 24 layers, 64 heads), low enough that a corrupt or hostile value fails
+# here instead of building millions of modules or allocating terabytes.
+_T5_LIMITS = {
+    "vocab_size": 1 << 22,
+    "d_model": 1 << 16,
+    "d_kv": 1 << 12,
+    "d_ff": 1 << 18,
+    "num_layers": 512,
+    "num_heads": 1 << 10,
+    "relative_attention_num_buckets": 1 << 12,
+    "relative_attention_max_distance": 1 << 20,
+}
+
+
 @dataclass(frozen=True)
 class T5Config:
     """Frozen T5 encoder hyper-parameters, named as in transformers' `T5Config` (config.json).
@@ -49,18 +64,13 @@ class T5Config:
     feed_forward_proj: str = "gated-gelu"
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "d_model",
-            "d_kv",
-            "d_ff",
-            "num_layers",
-            "num_heads",
-            "relative_attention_num_buckets",
-            "relative_attention_max_distance",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"T5Config.{name} must be >= 1, got {getattr(self, name)}")
+        for name, hi in _T5_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise ConfigError(f"T5Config.{name} must be an int in [1, {hi}], got {value!r}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"T5Config.layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
         if self.feed_forward_proj not in _GATED_TANH_GELU:
             raise ConfigError(
                 f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: only T5 v1.1's gated tanh-GELU "
@@ -76,7 +86,10 @@ class T5Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> T5Config:
-        """From a transformers T5 `config.json` dict (unknown keys are ignored)."""
+        """From a transformers T5 `config.json` dict (unknown keys are ignored). Values of the
+        wrong type or out of bounds raise ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a T5 config must be a JSON object, got {type(d).__name__}")
         if d.get("model_type", "t5") != "t5":
             raise ConfigError(f"config.json has model_type {d.get('model_type')!r}; expected 't5'")
         ff = d.get("feed_forward_proj", "relu")

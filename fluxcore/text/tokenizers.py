@@ -10,7 +10,8 @@ A prompt that loses tokens to truncation raises a `PromptTruncatedWarning` sayin
 
 Backends: T5 reads `tokenizer.json` with the `tokenizers` library, or `spiece.model` with
 `sentencepiece`; CLIP builds a byte-level BPE from `vocab.json` + `merges.txt` with CLIP's text
-clean-up (NFC, runs of whitespace → one space, lower case) and its word-splitting pattern.
+clean-up (NFC, runs of whitespace → one space, lower case) and its word-splitting pattern, or reads
+`tokenizer.json` alone (what transformers >= 5 saves) with the `tokenizers` library.
 """
 
 from __future__ import annotations
@@ -57,10 +58,72 @@ def _special_tokens(folder: Path) -> dict:
     return read_json(folder / files[0], missing_ok=True) | read_json(folder / files[1], missing_ok=True)
 
 
-def _model_max_length(config: dict, default: int) -> int:
-    """The folder's `model_max_length`, unless absent or transformers' "unbounded" placeholder (~1e30)."""
+# transformers writes int(1e30) as model_max_length for "no limit"; anything this large means that.
+_UNBOUNDED = 10**29
+# Longer than any text encoder FLUX uses (T5: 512, CLIP: 77) by far, short enough that a padded
+# batch and its attention stay allocatable: a larger stated length is a corrupt file.
+MAX_MODEL_MAX_LENGTH = 1 << 16
+# T5 ships 100 sentinel tokens; each one becomes a special token and part of a regex.
+MAX_EXTRA_IDS = 1000
+
+
+def _bad_config(message: str) -> Exception:
+    from fluxcore.weights.errors import ConfigMismatchError  # weights imports this package
+
+    return ConfigMismatchError(message)
+
+
+def _model_max_length(config: dict, default: int, where="tokenizer_config.json") -> int:
+    """The folder's `model_max_length`: `default` when absent or transformers' "unbounded"
+    placeholder (~1e30); else an int in [2, MAX_MODEL_MAX_LENGTH] (a start or end token and one
+    more), or a ConfigMismatchError naming the folder."""
     value = config.get("model_max_length")
-    return int(value) if isinstance(value, int) and 0 < value < 100_000 else default
+    if value is None:
+        return default
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value >= _UNBOUNDED:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_MODEL_MAX_LENGTH:
+        raise _bad_config(
+            f"{where}: model_max_length={value!r:.60}; expected an int in [2, {MAX_MODEL_MAX_LENGTH}] "
+            "(or transformers' 1e30 for 'no limit')"
+        )
+    return value
+
+
+def _extra_ids(config: dict, where) -> int:
+    """T5's sentinel count `extra_ids` (default 100), an int in [0, MAX_EXTRA_IDS]."""
+    value = config.get("extra_ids", 100)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EXTRA_IDS:
+        raise _bad_config(
+            f"{where}: extra_ids={value!r:.60}; expected an int in [0, {MAX_EXTRA_IDS}] (T5: 100)"
+        )
+    return value
+
+
+def _check_clip_files(vocab, merges: list, vocab_path: Path, merges_path: Path) -> None:
+    """vocab.json must map token strings to distinct ids 0..n-1 and merges.txt must hold merges:
+    an empty or header-only merges.txt would tokenize every word into single bytes without error."""
+    if not isinstance(vocab, dict) or not vocab:
+        raise _bad_config(f"{vocab_path}: expected a non-empty JSON object {{token: id}}")
+    n = len(vocab)
+    ids = vocab.values()
+    if (
+        not all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < n for i in ids)
+        or len(set(ids)) != n
+    ):
+        raise _bad_config(f"{vocab_path}: token ids must be distinct ints in [0, {n}) (one per token)")
+    if not merges:
+        raise _bad_config(
+            f"{merges_path} holds no merges (empty, or only its '#version' line): a truncated download? "
+            "CLIP-L's has 48894"
+        )
+    # The BPE library panics (a BaseException, not an error) on a merge naming an unknown token.
+    for n, (a, b) in enumerate(merges, 1):
+        unknown = [t for t in (a, b, a + b) if t not in vocab]
+        if unknown:
+            raise _bad_config(
+                f"{merges_path}: merge {n} ({a!r} + {b!r}) uses {unknown[0]!r}, which {vocab_path.name} lacks"
+            )
 
 
 def _pad_and_truncate(
@@ -162,7 +225,7 @@ class T5Tokenizer:
                 decode,
                 pad_id=ids[pad],
                 eos_id=ids[eos],
-                max_length=max_length or _model_max_length(config, 512),
+                max_length=max_length or _model_max_length(config, 512, folder),
                 source=str(folder / "tokenizer.json"),
             )
         if (folder / "spiece.model").is_file():
@@ -186,7 +249,7 @@ class T5Tokenizer:
                 raise WeightsError(f"{path} has no piece {piece!r}")
             special[piece] = i
         # T5's sentinels follow the sentencepiece vocabulary in reverse: <extra_id_0> is the last id.
-        extra = int(config.get("extra_ids", 100))
+        extra = _extra_ids(config, folder / "tokenizer_config.json")
         for k in range(extra):
             special[f"<extra_id_{k}>"] = n + extra - 1 - k
         # Leftmost-longest match, so <extra_id_10> is not read as <extra_id_1> + "0".
@@ -213,7 +276,7 @@ class T5Tokenizer:
             decode,
             pad_id=special[pad],
             eos_id=special[eos],
-            max_length=max_length or _model_max_length(config, 512),
+            max_length=max_length or _model_max_length(config, 512, folder),
             source=str(path),
         )
 
@@ -300,9 +363,11 @@ class CLIPTokenizer:
         `model_max_length`, else 77."""
         folder = Path(folder)
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+        if (not vocab_path.is_file() or not merges_path.is_file()) and (folder / "tokenizer.json").is_file():
+            return cls._from_tokenizer_json(folder, max_length)
         if not vocab_path.is_file() or not merges_path.is_file():
             raise WeightsError(
-                f"CLIP tokenizer: {folder} needs vocab.json and merges.txt; found "
+                f"CLIP tokenizer: {folder} needs vocab.json + merges.txt, or tokenizer.json; found "
                 f"{sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'no such folder'}"
             )
         config = _special_tokens(folder)
@@ -315,6 +380,8 @@ class CLIPTokenizer:
             lines = merges_path.read_text(encoding="utf-8").splitlines()
         except (OSError, ValueError) as e:
             raise WeightsError(f"cannot read the CLIP vocabulary in {folder}: {e}") from None
+        if not isinstance(vocab, dict):
+            _check_clip_files(vocab, [], vocab_path, merges_path)
         merges = []
         for n, line in enumerate(lines):
             if not line.strip() or (n == 0 and line.startswith("#version")):
@@ -323,6 +390,7 @@ class CLIPTokenizer:
             if len(parts) != 2:
                 raise WeightsError(f"{merges_path}:{n + 1}: expected two symbols per merge, found {line!r}")
             merges.append((parts[0], parts[1]))
+        _check_clip_files(vocab, merges, vocab_path, merges_path)
         missing = [t for t in dict.fromkeys((bos, eos, pad, unk)) if t not in vocab]
         if missing:
             raise WeightsError(f"{vocab_path} lacks the special tokens {missing}")
@@ -332,8 +400,48 @@ class CLIPTokenizer:
             bos_id=vocab[bos],
             eos_id=vocab[eos],
             pad_id=vocab[pad],
-            max_length=max_length or _model_max_length(config, 77),
+            max_length=max_length or _model_max_length(config, 77, folder),
             source=str(folder),
+        )
+
+    @classmethod
+    def _from_tokenizer_json(cls, folder: Path, max_length: int | None) -> CLIPTokenizer:
+        """From `tokenizer.json` alone (what transformers >= 5 saves for CLIP): its BPE model,
+        normaliser and pre-tokeniser as stored; the start/end tokens are added here, so its
+        post-processor, padding and truncation are switched off."""
+        from tokenizers import Tokenizer
+
+        path = folder / "tokenizer.json"
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise WeightsError(f"cannot read the CLIP tokenizer {path}: {e}") from None
+        model = json.loads(tok.to_str()).get("model", {})
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+            raise WeightsError(
+                f"{path} is not a CLIP tokenizer: expected a BPE model with '</w>' word ends, found "
+                f"{model.get('type')!r} with end_of_word_suffix {model.get('end_of_word_suffix')!r}"
+            )
+        tok.post_processor = None
+        tok.no_padding()
+        tok.no_truncation()
+        config = _special_tokens(folder)
+        names = {
+            "bos": _token_str(config.get("bos_token"), "<|startoftext|>"),
+            "eos": _token_str(config.get("eos_token"), "<|endoftext|>"),
+            "pad": _token_str(config.get("pad_token"), "<|endoftext|>"),
+        }
+        ids = {k: tok.token_to_id(v) for k, v in names.items()}
+        missing = [names[k] for k, i in ids.items() if i is None]
+        if missing:
+            raise WeightsError(f"{path} lacks the special tokens {missing}")
+        return cls(
+            tok,
+            bos_id=ids["bos"],
+            eos_id=ids["eos"],
+            pad_id=ids["pad"],
+            max_length=max_length or _model_max_length(config, 77),
+            source=str(path),
         )
 
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None) -> Tensor:

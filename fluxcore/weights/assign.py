@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fluxcore.weights.errors import KeyMismatchError, ShapeMismatchError, UnsupportedDtypeError
+from fluxcore.weights.finite import is_finite, nonfinite_error
 from fluxcore.weights.header import FLOAT8_DTYPES
 
 
@@ -58,7 +59,14 @@ def _materialise(
 
 
 def load_into(
-    module: nn.Module, tensors, *, source: str, device=None, dtype=None, copy: bool = True
+    module: nn.Module,
+    tensors,
+    *,
+    source: str,
+    device=None,
+    dtype=None,
+    copy: bool = True,
+    check_finite: bool = True,
 ) -> nn.Module:
     """Fill `module` (built on the meta device) from `tensors` and return it.
 
@@ -73,10 +81,13 @@ def load_into(
     dtype:  floating-point dtype of the loaded weights; default: each tensor's own dtype, except
       float8 (e4m3fn, e5m2), which is upcast to bfloat16. Integer/bool buffers keep theirs.
     Parameters tied under several names are filled once from whichever name comes first.
+    check_finite: scan each floating-point tensor for NaN/Inf as it arrives, in its loaded dtype
+      (~0.1 s/GB on one CPU core; on a GPU a reduction at memory bandwidth); the first bad one
+      raises NonFiniteWeightsError naming the module class, the key and whether a cast overflowed.
 
     Raises WeightsError (never returns a half-filled module, and leaves `module` untouched on
     error): shape mismatch (key, expected, found), unsupported dtype, missing or unexpected keys
-    (up to five named, and the count).
+    (up to five named, and the count), non-finite values.
     """
     targets, aliases = _targets(module)
     if isinstance(tensors, Mapping):
@@ -101,7 +112,10 @@ def load_into(
             )
         if id(orig) in filled:  # a tied parameter already filled under another name
             continue
-        filled[id(orig)] = _materialise(t, key, source, dtype, device, orig.dtype, copy)
+        value = _materialise(t, key, source, dtype, device, orig.dtype, copy)
+        if check_finite and not is_finite(value):
+            raise nonfinite_error(source, type(module).__name__, key, value, stored=t)
+        filled[id(orig)] = value
         del t  # let the source drop this tensor's bytes before the next one is read
     if unexpected:
         raise KeyMismatchError(

@@ -2,7 +2,7 @@
 catch the kind they handle. Every message names the file, the key, what was expected and what was
 found."""
 
-from fluxcore.errors import WeightsError
+from fluxcore.errors import ConfigError, NonFiniteError, WeightsError
 
 
 class CheckpointNotFoundError(WeightsError, FileNotFoundError):
@@ -27,3 +27,12 @@ class ShapeMismatchError(WeightsError):
 
 class UnknownVariantError(WeightsError):
     """The checkpoint's layout or model variant is not one fluxcore recognises."""
+
+
+class ConfigMismatchError(WeightsError, ConfigError):
+    """A config file (config.json, tokenizer_config.json, metadata) states a value that is out of
+    bounds or contradicts the tensors on disk."""
+
+
+class NonFiniteWeightsError(WeightsError, NonFiniteError):
+    """Loaded (or about to be saved) weights hold NaN or Inf."""

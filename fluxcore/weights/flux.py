@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fluxcore.atomic import atomic_folder, atomic_write_json
 from fluxcore.config import FluxConfig, get_config
 from fluxcore.errors import ConfigError
 from fluxcore.model import Flux
 from fluxcore.weights.errors import KeyMismatchError, ShapeMismatchError, UnsupportedDtypeError
 from fluxcore.weights.find import DIFFUSERS_WEIGHTS, not_flux, resolve
+from fluxcore.weights.finite import check_finite
 from fluxcore.weights.flux_config import (
     CONFIG_METADATA_KEY,
     detect_variant,
@@ -42,7 +44,7 @@ from fluxcore.weights.header import FLOAT8_DTYPES
 from fluxcore.weights.io import Checkpoint, load_into, open_checkpoint, write_safetensors
 from fluxcore.weights.layouts import LAYOUTS, Plan, detect_layout
 from fluxcore.weights.layouts.base import plan_shapes, read_plan
-from fluxcore.weights.writer import parse_size, write_sharded
+from fluxcore.weights.writer import parse_size, write_shards
 
 
 @dataclass
@@ -271,9 +273,13 @@ def save_flux(model: Flux, path, format: str = "bfl", *, max_shard_size: int | s
                         or shards of at most `max_shard_size` bytes plus
                         diffusion_pytorch_model.safetensors.index.json (diffusers'
                         FluxTransformer2DModel.from_pretrained reads it). Earlier
-                        diffusion_pytorch_model* files in that folder are removed.
+                        diffusion_pytorch_model* files in that folder are replaced; other
+                        files there are kept.
     Any other registered layout with an `export` writes one file like "bfl", in its own keys.
     Tensors are written one at a time (no second copy of the model in memory). Returns the path.
+    Atomic (`fluxcore.atomic`): readers see the old save or the new one, never a mix; a failed
+    save raises SaveError and leaves the old one. Weights holding NaN/Inf are refused
+    (NonFiniteWeightsError) before anything is written.
     """
     path = Path(path)
     config: FluxConfig = model.config
@@ -282,11 +288,13 @@ def save_flux(model: Flux, path, format: str = "bfl", *, max_shard_size: int | s
         writable = [n for n, lay in LAYOUTS.items() if getattr(lay, "export", None) is not None]
         raise ConfigError(f"format must be one of {writable}, got {format!r}")
     sd = model.state_dict()
+    check_finite(sd.items(), source=str(path), part=f"{type(model).__name__} (refusing to save)")
     if format == "diffusers":
         parse_size(max_shard_size)  # a bad size fails before anything is written
         cj = diffusers_config(config)
-        write_sharded(path, layout.export(sd), DIFFUSERS_WEIGHTS, max_shard_size)
-        (path / "config.json").write_text(json.dumps(cj, indent=2) + "\n")
+        with atomic_folder(path, replace=("diffusion_pytorch_model*.safetensors*", "config.json")) as tmp:
+            write_shards(tmp, layout.export(sd), DIFFUSERS_WEIGHTS, max_shard_size)
+            atomic_write_json(tmp / "config.json", cj)
         return path
     if path.is_dir():
         raise ConfigError(

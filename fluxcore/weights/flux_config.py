@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fluxcore.config import PRESETS, FluxConfig
 from fluxcore.errors import ConfigError, WeightsError
-from fluxcore.weights.errors import KeyMismatchError, UnknownVariantError
+from fluxcore.weights.errors import ConfigMismatchError, KeyMismatchError, UnknownVariantError
 
 CONFIG_METADATA_KEY = "fluxcore_config"  # FluxConfig as JSON in files written by save_flux(format="bfl")
 # Words in file/folder names that tell apart variants whose shapes are identical.
@@ -92,6 +92,10 @@ def infer_config(
             "stored in the weights; pass config=FluxConfig(...)"
         )
     theta = meta_cfg.get("theta", 10_000)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < float("inf"):
+        raise ConfigMismatchError(
+            f"{source}: metadata {CONFIG_METADATA_KEY!r} states theta={theta!r}; expected a finite number > 1"
+        )
     try:
         config = FluxConfig(
             in_channels=in_channels,
@@ -104,7 +108,7 @@ def infer_config(
             depth=depth,
             depth_single_blocks=depth_single,
             axes_dim=tuple(axes),
-            theta=theta if type(theta) is int else 10_000,
+            theta=theta,
             qkv_bias=qkv_bias,
             guidance_embed="guidance_in.in_layer.weight" in shapes,
         )

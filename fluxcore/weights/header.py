@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -60,41 +61,71 @@ def read_header(path) -> dict:
     """The parsed safetensors header of `path`: {key: {"dtype", "shape", "data_offsets"}, and
     "__metadata__": {str: str} when present}. Reads only the header bytes, never tensor data.
 
-    Validates everything a later read relies on: dtype names, shapes (non-negative ints), byte
-    ranges (inside the file, of exactly numel × itemsize bytes). Raises a WeightsError subclass
-    naming the file and what is wrong; nothing else escapes.
+    Validates everything a later read relies on, with the rules of the reference implementation:
+    no duplicate keys; dtype names known; shapes lists of non-negative ints; each byte range of
+    exactly numel × itemsize bytes; the ranges, sorted, tile the data section exactly (no overlap,
+    no gap, nothing past the end, no bytes left over). Raises a WeightsError subclass naming the
+    file and what is wrong; nothing else escapes.
     """
-    return _read_header(Path(path))[0]
+    with open_file(Path(path)) as f:
+        return _read_header(Path(path), f)[0]
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header, header length n); tensor data starts at byte 8 + n."""
+def open_file(path: Path):
+    """`path` opened for unbuffered binary reads, or the WeightsError saying why it cannot be."""
     if not path.exists():
         raise CheckpointNotFoundError(f"no such file: {path}")
     if not path.is_file():
         raise CorruptCheckpointError(f"{path} is not a file (expected a .safetensors file)")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(
-                    f"{path} is not a safetensors file: it has {size} bytes, fewer than the 8-byte header length"
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                head += f.read(32)
-                raise CorruptCheckpointError(
-                    f"{path} is not a safetensors file or is truncated: its first 8 bytes declare a "
-                    f"{n}-byte header, but the file has {size} bytes in all.{_sniff(head)}"
-                )
-            raw = f.read(n)
+        return open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"no such file: {path}") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot open {path}: {e}") from None
+
+
+def _unique_keys(path: Path):
+    def hook(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise CorruptCheckpointError(f"{path}: corrupt safetensors header: key {k!r} appears twice")
+            out[k] = v
+        return out
+
+    return hook
+
+
+def _read_header(path: Path, f) -> tuple[dict, int]:
+    """(header, header length n) read from the open file `f` of `path`; data starts at 8 + n."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(
+                f"{path} is not a safetensors file: it has {size} bytes, fewer than the 8-byte header length"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n + 8 > size:
+            head += f.read(32)
+            raise CorruptCheckpointError(
+                f"{path} is not a safetensors file or is truncated: its first 8 bytes declare a "
+                f"{n}-byte header, but the file has {size} bytes in all.{_sniff(head)}"
+            )
+        raw = bytearray()
+        while len(raw) < n:
+            chunk = f.read(n - len(raw))
+            if not chunk:
+                break
+            raw += chunk
     except OSError as e:
         raise CorruptCheckpointError(f"cannot read {path}: {e}") from None
     if len(raw) != n:
         raise CorruptCheckpointError(f"{path} is truncated: expected a {n}-byte header, read {len(raw)}")
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys(path))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(
             f"{path}: corrupt safetensors header ({n} bytes are not valid UTF-8 JSON: {e}).{_sniff(head)}"
@@ -114,7 +145,33 @@ def _read_header(path: Path) -> tuple[dict, int]:
                 )
             continue
         _check_entry(path, key, info, data_size)
+    _check_coverage(path, header, data_size)
     return header, n
+
+
+def _check_coverage(path: Path, header: dict, data_size: int) -> None:
+    """The byte ranges, in order, must tile [0, data_size): each starts where the last ended."""
+    ranges = sorted(
+        (tuple(info["data_offsets"]), key) for key, info in header.items() if key != "__metadata__"
+    )
+    end, last = 0, None
+    for (b, e), key in ranges:
+        if b < end:
+            raise CorruptCheckpointError(
+                f"{path}: corrupt safetensors header: tensor {key!r} (data bytes {b}..{e}) overlaps "
+                f"{last!r}, which ends at {end}"
+            )
+        if b > end:
+            raise CorruptCheckpointError(
+                f"{path}: corrupt safetensors header: data bytes {end}..{b} belong to no tensor "
+                f"(a gap before {key!r})"
+            )
+        end, last = e, key
+    if end != data_size:
+        raise CorruptCheckpointError(
+            f"{path}: the data section has {data_size} bytes but its tensors cover only {end}: "
+            f"{data_size - end} trailing bytes belong to no tensor (a corrupt or concatenated file?)"
+        )
 
 
 def _check_entry(path: Path, key: str, info, data_size: int) -> None:

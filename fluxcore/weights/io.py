@@ -8,6 +8,11 @@ touch; `release` drops them again), and `Checkpoint.read` / `Checkpoint.stream` 
 plain file reads into fresh memory the caller owns (no file page ever counts against the process,
 and it is several times faster than faulting a mapping in and copying it). `load_flux` streams, so
 peak host memory is the loaded model plus about one tensor.
+
+Each file is opened once, and its header, mapping and reads all use that one open file, so a
+save that replaces it meanwhile cannot mix two files. `get` checks the file's size before it
+hands out a mapped view (touching a mapped page past the end of a file truncated in place would
+kill the process with SIGBUS); `read`/`stream` use plain reads and are immune to truncation.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from fluxcore.weights.header import (
     SAFETENSORS_DTYPES,
     TORCH_TO_SAFETENSORS,
     _read_header,
+    open_file,
     read_header,
 )
 from fluxcore.weights.writer import write_safetensors
@@ -99,26 +106,49 @@ class _File:
 
     def __init__(self, path: Path):
         self.path = path
-        header, n = _read_header(path)
+        # One open file for the header, the mapping and the reads: a save that replaces the file
+        # meanwhile (a rename) cannot pair this header with another file's bytes.
+        self._fd = open_file(path)
+        try:
+            header, n = _read_header(path, self._fd)
+        except BaseException:
+            self._fd.close()
+            raise
         self.metadata: dict[str, str] = header.pop("__metadata__", {})
         self.entries: dict[str, dict] = header
         self.data_start = 8 + n
+        self.size = self.data_start + max((e["data_offsets"][1] for e in self.entries.values()), default=0)
         self._map: mmap.mmap | None = None
-        self._fd = None
+
+    def _check_size(self) -> None:
+        """A mapped page past the end of a file that shrank would kill the process (SIGBUS) when
+        touched: check the size before every mapped view is handed out."""
+        try:
+            size = os.fstat(self._file().fileno()).st_size
+        except OSError as e:
+            raise CorruptCheckpointError(f"cannot read {self.path}: {e}") from None
+        if size < self.size:
+            raise CorruptCheckpointError(
+                f"{self.path} was truncated after it was opened: {size} bytes, need {self.size}"
+            )
+
+    def _file(self):
+        if self._fd is None:
+            raise CorruptCheckpointError(f"{self.path}: the checkpoint was closed")
+        return self._fd
 
     def _mapping(self) -> mmap.mmap:
+        self._check_size()
         if self._map is None:
             try:
-                with open(self.path, "rb") as f:
-                    # ACCESS_COPY: private and writable, so torch gets a writable buffer and a write
-                    # to a returned tensor can never reach the file.
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                # ACCESS_COPY: private and writable, so torch gets a writable buffer and a write
+                # to a returned tensor can never reach the file.
+                self._map = mmap.mmap(self._file().fileno(), 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as e:
                 raise CorruptCheckpointError(f"cannot memory-map {self.path}: {e}") from None
-            expected = self.data_start + max((e["data_offsets"][1] for e in self.entries.values()), default=0)
-            if len(self._map) < expected:  # the file shrank since its header was read
+            if len(self._map) < self.size:  # the file shrank since its header was read
                 raise CorruptCheckpointError(
-                    f"{self.path} is truncated: {len(self._map)} bytes, need {expected}"
+                    f"{self.path} is truncated: {len(self._map)} bytes, need {self.size}"
                 )
         return self._map
 
@@ -159,13 +189,12 @@ class _File:
         if end == begin:
             return out
         view = out.view(-1).view(torch.uint8).numpy()
+        fd = self._file()
         try:
-            if self._fd is None:
-                self._fd = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed in close())
-            self._fd.seek(self.data_start + begin)
+            fd.seek(self.data_start + begin)
             done = 0
             while done < end - begin:
-                n = self._fd.readinto(view[done:])
+                n = fd.readinto(view[done:])
                 if not n:
                     raise CorruptCheckpointError(
                         f"{self.path} is truncated: tensor {key!r} ends after {done} of {end - begin} bytes"

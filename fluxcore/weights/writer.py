@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fluxcore.atomic import atomic_folder, atomic_write, atomic_write_json
 from fluxcore.errors import ConfigError
 from fluxcore.weights.errors import UnsupportedDtypeError
 from fluxcore.weights.header import TORCH_TO_SAFETENSORS
@@ -20,7 +20,8 @@ from fluxcore.weights.header import TORCH_TO_SAFETENSORS
 def write_safetensors(path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> int:
     """Write `tensors` as one safetensors file, streaming tensor by tensor (never a second copy of
     the whole set in memory; CUDA tensors come to the host one at a time). The file appears under
-    its name only when complete. Returns the number of bytes written."""
+    its name only when complete (`fluxcore.atomic.atomic_write`: temp file, fsync, rename); a failed
+    save raises SaveError and leaves what was at `path` before. Returns the number of bytes written."""
     path = Path(path)
     entries: dict[str, dict] = {}
     offset = 0
@@ -37,19 +38,13 @@ def write_safetensors(path, tensors: Mapping[str, Tensor], metadata: Mapping[str
     head = {"__metadata__": dict(metadata)} if metadata else {}
     raw = json.dumps({**head, **entries}, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, so every tensor can be viewed in place
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for t in tensors.values():
-                if t.numel():
-                    t = t.detach().to("cpu").contiguous().reshape(-1)
-                    f.write(t.view(torch.uint8).numpy().data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                t = t.detach().to("cpu").contiguous().reshape(-1)
+                f.write(t.view(torch.uint8).numpy().data)
     return 8 + len(raw) + offset
 
 
@@ -88,17 +83,29 @@ def write_sharded(
     """Write `tensors` into `folder` as `filename` (e.g. diffusion_pytorch_model.safetensors), or, when
     they exceed `max_shard_size` bytes, as `<stem>-0000k-of-0000n.safetensors` shards plus the standard
     index `<filename>.index.json` ({"metadata": {"total_size"}, "weight_map": {key: shard}}).
-    Earlier `<stem>*` weight files in the folder are removed first. Returns the files written."""
+    Atomic as a whole (`fluxcore.atomic.atomic_folder`): the new files are written beside the
+    folder, swapped in together, and earlier `<stem>*` weight files go only after that; other
+    files in the folder are kept. Returns the files written (under `folder`)."""
     folder = Path(folder)
     limit = parse_size(max_shard_size)
     stem = filename.removesuffix(".safetensors")
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob(f"{stem}*.safetensors*"):
-        old.unlink()
+    with atomic_folder(folder, replace=(f"{stem}*.safetensors*",)) as tmp:
+        names = write_shards(tmp, tensors, filename, limit)
+    return [folder / n for n in names]
+
+
+def write_shards(
+    folder, tensors: Mapping[str, Tensor], filename: str, max_shard_size: int | str
+) -> list[str]:
+    """`write_sharded`'s files, written into an existing (staging) `folder` file by file, each
+    atomically, without touching anything else there. Returns the file names written."""
+    folder = Path(folder)
+    limit = parse_size(max_shard_size)
+    stem = filename.removesuffix(".safetensors")
     shards = _shards(tensors, limit)
     if len(shards) == 1:
         write_safetensors(folder / filename, tensors, {"format": "pt"})
-        return [folder / filename]
+        return [filename]
     weight_map, total, written = {}, 0, []
     for i, keys in enumerate(shards, 1):
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -106,7 +113,7 @@ def write_sharded(
         write_safetensors(folder / name, part, {"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in part.values())
         weight_map.update(dict.fromkeys(keys, name))
-        written.append(folder / name)
+        written.append(name)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / f"{filename}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write_json(folder / f"{filename}.index.json", index)
     return written

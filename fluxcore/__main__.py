@@ -1,0 +1,3 @@
+from fluxcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Regional compilation (fluxcore.compile_blocks) on CPU, with a backend that counts the graphs it
+is handed (every trace is one call; the traced graphs then run, so outputs are checked too).
+Inductor itself is exercised by benchmarks/compile.py (a C++ build per graph is too slow here).
+
+- One graph per block class (2 for FLUX), then none: across steps, image sizes, prompt lengths,
+  and with a step cache applied and removed.
+- Outputs match eager; state-dict keys are unchanged; `remove` restores eager calls; a second
+  `compile_blocks` compiles nothing; a block swapped in later runs eagerly; compiling after a
+  step cache was applied works (the cache's decisions stay outside the graphs).
+- CUDA-graph modes are refused on CPU with a reason.
+"""
+
+import pytest
+import torch
+
+import fluxcore
+import fluxcore.cache
+import fluxcore.compile
+from fluxcore import PRESETS, Flux
+from fluxcore.errors import FluxcoreError
+
+
+@pytest.fixture
+def model():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield Flux(PRESETS["tiny-dev"]).eval()
+    torch._dynamo.reset()
+
+
+def inputs(model, batch, h, w, txt_len, t=0.5):
+    cfg = model.config
+    L = h * w
+    ids = torch.zeros(batch, L, 3)
+    ids[..., 1] = torch.arange(L) // w
+    ids[..., 2] = torch.arange(L) % w
+    return (
+        torch.randn(batch, L, cfg.in_channels),
+        ids,
+        torch.randn(batch, txt_len, cfg.context_in_dim),
+        torch.zeros(batch, txt_len, 3),
+        torch.full((batch,), t),
+        torch.randn(batch, cfg.vec_in_dim),
+        torch.full((batch,), 3.5),
+    )
+
+
+class Counting:
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_one_graph_per_block_class_and_no_recompiles(model):
+    backend = Counting()
+    keys = list(model.state_dict())
+    a = inputs(model, 1, 4, 4, 7)
+    with torch.no_grad():
+        ref = model(*a)
+        paths = fluxcore.compile_blocks(model, backend=backend)
+        assert paths == ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+        assert list(model.state_dict()) == keys
+        assert fluxcore.compile_blocks(model, backend=backend) == []  # already compiled
+        torch.testing.assert_close(model(*a), ref, rtol=1e-5, atol=1e-5)
+        assert backend.graphs == 2  # DoubleStreamBlock and SingleStreamBlock, shared by every instance
+        for h, w, txt_len in [(4, 6, 9), (8, 8, 7), (3, 5, 20), (6, 2, 2)]:  # sizes, prompt lengths (≥ 2: dynamo specialises 0 and 1)
+            eager_free = inputs(model, 1, h, w, txt_len)
+            model(*eager_free)
+        for t in (1.0, 0.7, 0.2):  # steps
+            model(*inputs(model, 1, 4, 4, 7, t))
+        handle = fluxcore.cache.apply(model, "first_block", threshold=0.5)  # cache on: decisions stay eager
+        b = list(a)
+        for t in (1.0, 0.9, 0.8, 0.7):
+            b[4] = torch.full((1,), t)
+            model(*b)
+        assert handle.stats.skipped > 0
+        handle.remove()
+        model(*a)  # cache off again
+        assert backend.graphs == 2
+    assert fluxcore.compile.remove(model) == paths
+    assert fluxcore.compile.compiled_blocks(model) == []
+    assert all(b._compiled_call_impl is None for b in [*model.double_blocks, *model.single_blocks])
+
+
+def test_compile_after_cache_and_swapped_blocks(model):
+    backend = Counting()
+    handle = fluxcore.cache.apply(model, "taylorseer", interval=2)
+    try:
+        compiled = fluxcore.compile_blocks(model, backend=backend)
+        assert len(compiled) == 4
+        fresh = Flux(PRESETS["tiny-dev"]).eval().single_blocks[0]
+        model.single_blocks[0] = fresh  # swapped in after compiling: runs eagerly
+        assert fluxcore.compile.compiled_blocks(model) == ["double_blocks.0", "double_blocks.1", "single_blocks.1"]
+        with torch.no_grad():
+            for t in (1.0, 0.8, 0.6, 0.4):
+                model(*inputs(model, 1, 4, 4, 7, t))
+        assert backend.graphs == 2 and handle.stats.skipped == 1
+    finally:
+        handle.remove()
+        fluxcore.compile.remove(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"mode": "reduce-overhead"}, {"options": {"triton.cudagraphs": True}}], ids=["mode", "options"]
+)
+def test_cuda_graphs_are_refused_on_cpu(model, kwargs):
+    with pytest.raises(FluxcoreError, match="CUDA-graph replay .* on 'cpu'"):
+        fluxcore.compile_blocks(model, **kwargs)
+    assert fluxcore.compile.compiled_blocks(model) == []
