@@ -10,7 +10,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from fluxcore import PRESETS, Flux  # noqa: E402
+from fluxcore import PRESETS, Flux, load_flux  # noqa: E402
 from fluxcore.quant import GGUFLinear, dequantize, load_quantized_flux  # noqa: E402
 from fluxcore.quant import gguf as qg  # noqa: E402
 from fluxcore.quant.load import Entries, fill  # noqa: E402
@@ -139,6 +139,11 @@ def test_tiny_flux_from_gguf(cfg, tmp_path):
     with torch.no_grad():
         err = (model(**args) - dense(**args)).abs().max().item()
     assert err <= 1e-6, err
+    # load_flux takes the file as it is (the GGUF magic selects the packed loader)
+    via_load_flux = load_flux(path, config=None if cfg == "tiny-dev" else config, dtype=torch.float32)
+    assert via_load_flux.quant_format == "gguf"
+    with torch.no_grad():
+        assert torch.equal(via_load_flux(**args), model(**args))
     # state dict keys stay the official ones, with the packed bytes under X.weight
     assert list(model.state_dict()) == list(dense.state_dict())
     # and dequantize() gives plain Linears with the same output

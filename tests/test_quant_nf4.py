@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxcore import PRESETS, Flux
+from fluxcore import PRESETS, Flux, load_flux
 from fluxcore.quant import NF4Linear, load_quantized_flux
 from fluxcore.quant.nf4 import NF4_CODEBOOK, linear_from_tensors, quantize_nf4, to_file_tensors
 from fluxcore.weights.io import write_safetensors
@@ -115,6 +115,10 @@ def test_tiny_flux_nf4_file(tmp_path):
     with torch.no_grad():
         err = (model(**args) - dense(**args)).abs().max().item()
     assert err <= 1e-5, err
+    via_load_flux = load_flux(tmp_path / "nf4.safetensors", dtype=torch.float32)  # the nf4 layout
+    assert via_load_flux.quant_format == "nf4"
+    with torch.no_grad():
+        assert torch.equal(via_load_flux(**args), model(**args))
     # state dict: bitsandbytes names under the official module paths
     sd = model.state_dict()
     assert "double_blocks.0.img_attn.qkv.weight.absmax" in sd

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from fluxcore import PRESETS, Flux
+from fluxcore import PRESETS, Flux, load_flux
 from fluxcore.quant import ScaledLinear, detect_format, load_quantized_flux, load_quantized_t5
 from fluxcore.quant.scaled_fp8 import quantize_scaled_fp8
 from fluxcore.weights.io import write_safetensors
@@ -69,6 +69,12 @@ def test_flux_files(tmp_path):
         assert err <= 1e-6, (style, err)
         if style == "legacy":
             assert "double_blocks.0.img_attn.qkv.scale_weight" in model.state_dict()
+        # load_flux: scaled files stay float8 (the scaled_fp8 layout); plain float8 files are the
+        # BFL layout and are upcast as they load, which computes the same thing
+        via_load_flux = load_flux(path, dtype=torch.float32)
+        assert getattr(via_load_flux, "quant_format", None) == (None if style == "plain" else "scaled_fp8")
+        with torch.no_grad():
+            torch.testing.assert_close(via_load_flux(**args), model(**args), rtol=1e-6, atol=1e-6)
 
 
 def test_fp8_compute_matches_emulation(tmp_path):

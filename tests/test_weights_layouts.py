@@ -137,9 +137,12 @@ def test_registered_layout_is_detected_loaded_and_saved(tmp_path, community):
 
 
 def test_register_layout_refuses_what_is_not_a_layout():
+    before = list(LAYOUTS)
     with pytest.raises(ConfigError, match="has no name, detect, plan"):
         register_layout(object())
-    assert list(LAYOUTS) == ["bfl", "diffusers"]
+    assert list(LAYOUTS) == before
+    # built-ins: the quantized layouts (marker keys of their own) first, then BFL before diffusers
+    assert before == ["gguf", "nf4", "scaled_fp8", "bfl", "diffusers"]
 
 
 def test_without_the_layout_the_same_file_is_bfl_with_an_unknown_key(tmp_path):

@@ -252,7 +252,10 @@ class T5DenseGatedActDense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x)
-        return self.wo(h.to(self.wo.weight.dtype))
+        # A quantized `wo` (fluxcore.quant) stores packed or float8 bytes: it takes h as it is and
+        # dequantizes itself; only a plain float `wo` sets the dtype h is cast to.
+        dtype = self.wo.weight.dtype
+        return self.wo(h.to(dtype) if dtype.is_floating_point and dtype.itemsize >= 2 else h)
 
 
 class T5LayerFF(nn.Module):

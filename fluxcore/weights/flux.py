@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fluxcore.atomic import atomic_folder, atomic_write_json
 from fluxcore.config import FluxConfig, get_config
-from fluxcore.errors import ConfigError
+from fluxcore.errors import ConfigError, WeightsError
 from fluxcore.model import Flux
 from fluxcore.weights.errors import KeyMismatchError, ShapeMismatchError, UnsupportedDtypeError
 from fluxcore.weights.find import DIFFUSERS_WEIGHTS, not_flux, resolve
@@ -241,9 +241,16 @@ def load_flux(source, *, config: FluxConfig | str | None = None, device=None, dt
     device: where the weights go (default CPU); tensors are streamed one at a time straight there.
     dtype:  weight dtype; default: the checkpoint's (float8 files load as bfloat16, every float8
             tensor is upcast as it loads).
+    Quantized files — city96 GGUF, bitsandbytes NF4/FP4, ComfyUI scaled fp8 — load with their
+    weights kept packed (fluxcore.quant modules, dequantized per layer at run time); `dtype` is
+    then the compute dtype (default bfloat16). docs/memory.md lists the formats.
     Returns a `Flux` in eval mode with `.variant` and `.source` set. Raises WeightsError (see
     fluxcore.weights) and never returns a partially loaded model.
     """
+    quantized = _quantized_layout(Path(source))
+    if quantized is not None:  # GGUF / NF4 / scaled fp8: weights stay packed in fluxcore.quant modules
+        layout, file = quantized
+        return layout.load(file, config=config, device=device, dtype=dtype)
     fc = inspect_flux(source, config=config)
     with fc.checkpoint:
         dtype = fc.default_dtype() if dtype is None else dtype
@@ -259,6 +266,26 @@ def load_flux(source, *, config: FluxConfig | str | None = None, device=None, dt
     model.variant = fc.variant
     model.source = str(source)
     return model.eval()
+
+
+def _quantized_layout(source: Path):
+    """(layout, file) when `source` is (or resolves to) a quantized checkpoint, else None. GGUF is
+    told by its magic bytes, the safetensors formats by their keys (headers only)."""
+    if source.is_file() and LAYOUTS["gguf"].sniff(source):
+        return LAYOUTS["gguf"], source
+    if source.is_dir() and len(ggufs := sorted(source.glob("*.gguf"))) == 1 and not list(source.glob("*.safetensors")):
+        return LAYOUTS["gguf"], ggufs[0]
+    try:
+        file, _ = resolve(source)
+    except WeightsError:
+        return None  # inspect_flux raises the full error
+    if not file.is_file():
+        return None  # diffusers folders are never quantized layouts
+    with open_checkpoint(file) as checkpoint:
+        found = detect_layout(checkpoint.keys())
+    if found is not None and getattr(found[0], "quantized", False):
+        return found[0], file
+    return None
 
 
 # --- saving ---------------------------------------------------------------------------------------

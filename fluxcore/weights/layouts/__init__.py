@@ -14,6 +14,9 @@ A layout is any object (a module is simplest) with:
              read this plan.
     export(state_dict) -> dict   (optional; None for read-only layouts)
              BFL state dict → this layout's keys and tensors (views where possible).
+    quantized, load(path, config=, device=, dtype=)   (quantized layouts only)
+             weights that are not plain tensors (GGUF, NF4, scaled fp8): `plan` refuses, and
+             `load_flux` hands the file to `load`, which keeps them packed (fluxcore.quant).
 
 Detection tries layouts in `LAYOUTS` order and takes the first that answers: layouts registered
 later come first, so a specific community layout wins over the generic BFL one it resembles.
@@ -25,7 +28,7 @@ from collections.abc import Collection
 from typing import Protocol
 
 from fluxcore.errors import ConfigError
-from fluxcore.weights.layouts import bfl, diffusers
+from fluxcore.weights.layouts import bfl, diffusers, gguf, nf4, scaled_fp8
 from fluxcore.weights.layouts.base import SWAP_HALVES, Plan, Transform
 
 __all__ = ["LAYOUTS", "SWAP_HALVES", "Layout", "Plan", "Transform", "detect_layout", "register_layout"]
@@ -68,6 +71,11 @@ def detect_layout(keys: Collection[str]) -> tuple[Layout, str] | None:
     return None
 
 
-# Built-ins. BFL is asked first: a file with the marker keys of both is read as BFL, as it always was.
+# Built-ins. BFL is asked before diffusers: a file with the marker keys of both is read as BFL, as it
+# always was. The quantized layouts (their own `load`; `quantized = True`) are asked before BFL,
+# whose keys they share: they answer only for files with their packing's marker keys.
 register_layout(diffusers)
 register_layout(bfl)
+register_layout(scaled_fp8)
+register_layout(nf4)
+register_layout(gguf)

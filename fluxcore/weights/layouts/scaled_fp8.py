@@ -19,7 +19,9 @@ _TAILS = (
     "double_blocks.0.img_attn.qkv.weight",
     "single_blocks.0.linear1.weight",
 )
-_MARKS = (".scale_weight", ".weight_scale", ".comfy_quant")
+# Legacy files are marked by the `scaled_fp8` tensor (a lone `.scale_weight` without it is an
+# unknown key of a BFL file, reported as such); newer files by their per-layer keys.
+_MARKS = (".weight_scale", ".comfy_quant")
 
 
 def detect(keys: Collection[str]) -> str | None:
