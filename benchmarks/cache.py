@@ -127,7 +127,9 @@ def run_mid(model, ae, steps: int, setting, n_images: int = 2, size: int = 256):
     cfg = model.config
     txt = torch.randn(n_images, 64, cfg.context_in_dim, generator=g)
     y = torch.randn(n_images, cfg.vec_in_dim, generator=g)
-    noise = torch.cat([get_noise(1, size, size, device="cpu", dtype=torch.float32, seed=s) for s in range(n_images)])
+    noise = torch.cat(
+        [get_noise(1, size, size, device="cpu", dtype=torch.float32, seed=s) for s in range(n_images)]
+    )
     x = pack(noise)
     extra = {
         "img_ids": make_img_ids(n_images, size, size),
@@ -161,7 +163,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     steps = 4 if args.smoke else args.steps
-    settings = [(k, opts) for k, all_opts in SETTINGS.items() for opts in (all_opts[:1] if args.smoke else all_opts)]
+    settings = [
+        (k, opts) for k, all_opts in SETTINGS.items() for opts in (all_opts[:1] if args.smoke else all_opts)
+    ]
 
     pipe = fluxcore.FluxPipeline.from_pretrained(TINY)
     cases = held_out_cases(2 if args.smoke else None)
@@ -195,7 +199,9 @@ def main() -> None:
                 "psnr": psnr(images, ref), "ssim": ssim(images, ref), "cpu_time": s / ref_s,
             })  # fmt: skip
             print(rows[-1], flush=True)
-    print_table(rows, ["model", "cache", "full", "skipped", "psnr", "ssim", "color+position", "shape", "cpu_time"])
+    print_table(
+        rows, ["model", "cache", "full", "skipped", "psnr", "ssim", "color+position", "shape", "cpu_time"]
+    )
     config = {"steps": steps, "prompts": len(cases), "settings": SETTINGS, "smoke": args.smoke}
     path = write_json("cache", environment(torch.device("cpu")), config, rows, args.out)
     print(f"wrote {path}")

@@ -110,7 +110,11 @@ def child(args) -> dict:
 
 
 def run_child(args, mode: str, cache_dir: str, artifacts: str | None) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton")}
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": cache_dir,
+        "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton"),
+    }
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--child", mode, "--preset", args.preset,
         "--device", args.device, "--dtype", args.dtype, "--size", str(args.size), "--txt-len", str(args.txt_len),
@@ -134,7 +138,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--txt-len", type=int, default=32)
     p.add_argument("--backend", default="inductor")
-    p.add_argument("--modes", nargs="+", default=["eager", "regional-cold", "whole-cold", "regional-disk", "regional-mega"])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["eager", "regional-cold", "whole-cold", "regional-disk", "regional-mega"],
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--artifacts", default="", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
@@ -150,12 +158,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             filled, artifacts = os.path.join(tmp, "filled"), os.path.join(tmp, "mega.bin")
             for mode in args.modes:
-                cache_dir = filled if mode in ("regional-cold", "regional-disk") else tempfile.mkdtemp(dir=tmp)
+                cache_dir = (
+                    filled if mode in ("regional-cold", "regional-disk") else tempfile.mkdtemp(dir=tmp)
+                )
                 row = {"preset": preset, "mode": mode, **run_child(args, mode, cache_dir, artifacts)}
                 rows.append(row)
                 print(row, flush=True)
     print_table(
-        rows, ["preset", "mode", "first_s", "steady_s", "new_shape_first_s", "graphs", "recompiles_on_new_shape", "error"]
+        rows,
+        [
+            "preset",
+            "mode",
+            "first_s",
+            "steady_s",
+            "new_shape_first_s",
+            "graphs",
+            "recompiles_on_new_shape",
+            "error",
+        ],
     )
     config = {
         "presets": args.presets, "device": args.device, "dtype": args.dtype, "size": args.size,

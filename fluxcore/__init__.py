@@ -76,6 +76,10 @@ from fluxcore.schedules import (
     time_shift,
 )
 
+# --- adapters (LoRA) ---
+# isort: split
+from fluxcore import lora
+
 # --- training ---
 # isort: split
 # The loop itself is `fluxcore.train.train` (the module keeps the name `fluxcore.train`).

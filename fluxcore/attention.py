@@ -72,7 +72,9 @@ class AttentionBackend:
 _REGISTRY: dict[str, AttentionBackend] = {}
 _global_choice: str | None = None
 # The innermost attention_backend(...) name of the running thread / task (None outside any).
-_context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fluxcore_attention", default=None)
+_context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fluxcore_attention", default=None
+)
 _thread_choice = threading.local()  # the same value per thread, for compiled code
 
 
@@ -146,7 +148,9 @@ def _auto_candidates(q: Tensor) -> list[AttentionBackend]:
     return [
         b
         for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)
-        if (b.name, str(q.device), q.dtype, q.shape[-1]) not in _broken and b.auto_ok(q) and b.why_not(q) is None
+        if (b.name, str(q.device), q.dtype, q.shape[-1]) not in _broken
+        and b.auto_ok(q)
+        and b.why_not(q) is None
     ]
 
 
@@ -180,7 +184,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, backend: str | None = None) ->
             warnings.warn(
                 f"attention backend {b.name!r} failed on {q.device} {q.dtype} head dim {q.shape[-1]} "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "\"auto\" uses the next backend from now on",
+                '"auto" uses the next backend from now on',
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -238,7 +242,9 @@ def _import(module: str) -> tuple[object | None, str | None]:
         return None, f"package {module!r} failed to import ({type(e).__name__}: {e})"
 
 
-def _cuda_reason(q: Tensor, dtypes: tuple[torch.dtype, ...], min_cap: tuple[int, int], max_cap=None) -> str | None:
+def _cuda_reason(
+    q: Tensor, dtypes: tuple[torch.dtype, ...], min_cap: tuple[int, int], max_cap=None
+) -> str | None:
     if q.device.type != "cuda":
         return f"it needs a CUDA device, and the tensors are on {q.device.type!r}"
     if q.dtype not in dtypes:
@@ -345,7 +351,9 @@ def _is_hopper_or_newer(q: Tensor) -> bool:
 # Hopper and newer, where those figures were measured. SageAttention (8-bit) changes numerics and
 # FlexAttention (~90 % of FA2) is for masks, so "auto" never picks either.
 register_backend("eager", eager_attention, priority=0)
-register_backend("sdpa-math", _sdpa_kernel("MATH"), _sdpa_why_not("MATH"), priority=1, auto_ok=lambda q: False)
+register_backend(
+    "sdpa-math", _sdpa_kernel("MATH"), _sdpa_why_not("MATH"), priority=1, auto_ok=lambda q: False
+)
 register_backend("flex", _flex, _flex_why_not, priority=2, auto_ok=lambda q: False)
 register_backend("sdpa", sdpa_attention, priority=10)
 register_backend(

@@ -163,7 +163,9 @@ class TeaCache(_Policy):
         compute = True
         if self.threshold > 0 and slot.signal is not None and slot.signal.shape == signal.shape and not last:
             slot.accumulated += self.rescale(rel_l1(signal, slot.signal))
-            compute = slot.accumulated >= self.threshold or slot.txt_res is None or slot.txt_res.shape != txt.shape
+            compute = (
+                slot.accumulated >= self.threshold or slot.txt_res is None or slot.txt_res.shape != txt.shape
+            )
         slot.signal = signal.detach()  # updated on every step, computed or not
         if not compute:
             return img + slot.img_res, txt + slot.txt_res, False
@@ -183,7 +185,12 @@ class TaylorSeer(_Policy):
             raise ConfigError(f"taylorseer: order must be 0 (reuse) or 1 (linear forecast), got {order}")
         if warmup < order + 1:
             raise ConfigError(f"taylorseer: warmup must be >= order + 1 = {order + 1}, got {warmup}")
-        self.interval, self.order, self.warmup, self.num_steps = int(interval), int(order), int(warmup), num_steps
+        self.interval, self.order, self.warmup, self.num_steps = (
+            int(interval),
+            int(order),
+            int(warmup),
+            num_steps,
+        )
 
     def __call__(self, trunk, slot, img, txt, vec, pe, t):
         k = slot.step
@@ -392,7 +399,11 @@ def apply(model: nn.Module, kind: str, **options) -> CacheHandle:
 
 
 # The main knob of each kind, for "KIND:VALUE" specs (CLI --cache, the pipeline's cache=).
-_KNOB = {"first_block": ("threshold", float), "teacache": ("threshold", float), "taylorseer": ("interval", int)}
+_KNOB = {
+    "first_block": ("threshold", float),
+    "teacache": ("threshold", float),
+    "taylorseer": ("interval", int),
+}
 
 
 def parse(spec) -> tuple[str, dict]:
@@ -414,7 +425,9 @@ def parse(spec) -> tuple[str, dict]:
             try:
                 options[name] = cast(value)
             except ValueError:
-                raise ConfigError(f"cache spec {spec!r}: {name} must be a {cast.__name__}, got {value!r}") from None
+                raise ConfigError(
+                    f"cache spec {spec!r}: {name} must be a {cast.__name__}, got {value!r}"
+                ) from None
     else:
         raise ConfigError(f"a cache spec is 'KIND[:VALUE]', (kind, options) or a dict; got {spec!r}")
     if kind not in POLICIES:

@@ -3,6 +3,9 @@
     fluxcore generate "a cat on mars" [--model PATH|HUB_ID] [--steps N --guidance G --seed S --width W
                       --height H --sampler NAME --scheduler NAME --num-images K --out FILE.png ...]
                       [--image IN.png --strength 0.6 | --mask MASK.png | --control-image EDGES.png]
+                      [--lora PATH[:W]]... [--controlnet PATH[:S]]... [--ip-adapter ...] [--redux-image ...]
+                      [--offload | --max-memory 12GB]
+    fluxcore generate --prompts FILE [--out-dir DIR] ...     (torchrun: --ulysses U --ring R)
     fluxcore info PATH
     fluxcore --version
 
@@ -88,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt", help="the text prompt")
+    g.add_argument("prompt", nargs="?", help="the text prompt (or --prompts FILE)")
+    g.add_argument("--prompts", help="prompt file: one prompt per line, or JSONL with per-item settings")
+    g.add_argument(
+        "--out-dir", default=None, help="folder for --prompts images + manifest (default fluxcore-out)"
+    )
     g.add_argument(
         "--model", help=f"model folder (snapshot or BFL files) or Hugging Face Hub id; default: {DEMO_MODEL}"
     )
@@ -119,7 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="Kontext: encode the reference at the closest trained ~1 MP size (default) or as it is",
     )
-    g.add_argument("--control-image", help="Canny/Depth models: the edge or depth map")
+    g.add_argument(
+        "--control-image",
+        action="append",
+        help="Canny/Depth models: the edge or depth map; with --controlnet, one per net",
+    )
+    g.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="a LoRA file (repeatable)"
+    )
+    g.add_argument(
+        "--controlnet", action="append", default=[], metavar="PATH[:SCALE]", help="a ControlNet (repeatable)"
+    )
+    g.add_argument(
+        "--control-mode", action="append", help="Union ControlNets: the mode (name or number) per image"
+    )
+    g.add_argument(
+        "--control-start", type=float, default=0.0, help="ControlNet: first fraction of steps (default 0)"
+    )
+    g.add_argument(
+        "--control-end", type=float, default=1.0, help="ControlNet: last fraction of steps (default 1)"
+    )
+    g.add_argument("--canny", action="store_true", help="run Canny edges (100/200) on --control-image first")
+    g.add_argument("--ip-adapter", help="XLabs IP-Adapter file (needs --ip-image and --image-encoder)")
+    g.add_argument("--ip-image", help="the IP-Adapter's image prompt")
+    g.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale (default 1)")
+    g.add_argument("--image-encoder", help="CLIP ViT-L/14 image encoder folder for --ip-adapter")
+    g.add_argument("--redux-image", help="FLUX.1 Redux: the image prompt (needs --redux-model)")
+    g.add_argument(
+        "--redux-model", nargs=2, metavar=("REDUX_FILE", "IMAGE_ENCODER"), help="Redux projector + SigLIP"
+    )
     g.add_argument("--out", default=None, help="output PNG file (default fluxcore-<seed>.png)")
     g.add_argument(
         "--overwrite", action="store_true", help="replace an existing --out file (default: a numbered name)"
@@ -139,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--offload", action="store_true", help="keep models on the CPU, move each stage to the GPU as it runs"
     )
+    g.add_argument(
+        "--max-memory",
+        default=None,
+        help="GPU memory to fit in, e.g. 12GB: picks quantization, offload, tiling",
+    )
+    g.add_argument("--ulysses", type=_positive(int), default=1, help="Ulysses degree (under torchrun)")
+    g.add_argument("--ring", type=_positive(int), default=1, help="ring-attention degree (under torchrun)")
     g.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
     i = sub.add_parser("info", help="describe a checkpoint file or folder (headers only)")
@@ -217,7 +259,7 @@ def a1111_parameters(s: dict) -> str:
         "Steps": s["steps"], "Sampler": s["sampler"], "Schedule type": s["scheduler"],
         "CFG scale": s["true_cfg"], "Distilled CFG Scale": s["guidance"], "Seed": s["seed"],
         "Size": f"{s['width']}x{s['height']}", "Model": Path(str(s["model"])).name or s["model"],
-        "Denoising strength": s.get("strength"), "Version": s["fluxcore_version"],
+        "Denoising strength": s.get("strength"), "Lora": s.get("lora"), "Version": s["fluxcore_version"],
     }  # fmt: skip
     lines.append(", ".join(f"{k}: {v}" for k, v in pairs.items() if v not in (None, "")))
     return "\n".join(lines)
@@ -252,6 +294,101 @@ def _is_demo(model: Path) -> bool:
         return False
 
 
+def _spec(spec: str, flag: str) -> tuple[str, float]:
+    """PATH[:NUMBER] → (PATH, NUMBER), default 1.0; the path must exist."""
+    path, _, number = spec.rpartition(":")
+    try:
+        value = float(number)
+    except ValueError:
+        path, value = spec, 1.0
+    if not path or not Path(path).exists():
+        raise _UsageError(f"fluxcore: {flag} {path or spec}: no such file or folder")
+    return path, value
+
+
+def _check(args) -> None:
+    """Every misuse of the flags that is known before anything is loaded (exit 2, one line)."""
+    if args.prompt is None and args.prompts is None:
+        raise _UsageError("fluxcore: the following arguments are required: prompt (or --prompts FILE)")
+    if args.prompt is not None and args.prompts is not None:
+        raise _UsageError("fluxcore: give a PROMPT or --prompts FILE, not both")
+    if args.prompts is not None:
+        if not Path(args.prompts).is_file():
+            raise _UsageError(f"fluxcore: --prompts {args.prompts}: no such file")
+        given = [f for f, v in (("--out", args.out), ("--image", args.image), ("--control-image", args.control_image),
+                                ("--num-images", args.num_images != 1), ("--ip-image", args.ip_image),
+                                ("--redux-image", args.redux_image)) if v]  # fmt: skip
+        if given:
+            raise _UsageError(f"fluxcore: --prompts does not take {given[0]} (images go to --out-dir)")
+    elif args.out_dir is not None:
+        raise _UsageError("fluxcore: --out-dir goes with --prompts (use --out for one prompt)")
+    if args.negative_prompt is not None and args.true_cfg <= 1:
+        raise _UsageError("fluxcore: --negative-prompt needs --true-cfg > 1 (e.g. --true-cfg 4)")
+    if args.mask is not None and args.image is None:
+        raise _UsageError("fluxcore: --mask needs --image (the image to fill)")
+    if args.strength is not None and args.image is None:
+        raise _UsageError("fluxcore: --strength needs --image (img2img)")
+    if args.controlnet and not args.control_image:
+        raise _UsageError("fluxcore: --controlnet needs --control-image (one per net)")
+    if (args.control_mode or args.canny) and not args.control_image:
+        raise _UsageError("fluxcore: --control-mode/--canny need --control-image")
+    if not 0 <= args.control_start < args.control_end <= 1:
+        raise _UsageError(
+            f"fluxcore: need 0 <= --control-start < --control-end <= 1, got {args.control_start}, {args.control_end}"
+        )
+    if (args.ip_adapter is None) != (args.ip_image is None) or (args.ip_adapter and not args.image_encoder):
+        raise _UsageError("fluxcore: --ip-adapter, --ip-image and --image-encoder go together")
+    if (args.redux_image is None) != (args.redux_model is None):
+        raise _UsageError("fluxcore: --redux-image and --redux-model REDUX_FILE IMAGE_ENCODER go together")
+    for flag, path in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder),
+                       *(("--redux-model", p) for p in args.redux_model or ())):  # fmt: skip
+        if path is not None and not Path(path).exists():
+            raise _UsageError(f"fluxcore: {flag} {path}: no such file or folder")
+    if args.max_memory is not None:
+        from fluxcore.memory import parse_bytes
+
+        try:
+            parse_bytes(args.max_memory)
+        except ValueError as e:
+            raise _UsageError(f"fluxcore: --max-memory: {e}") from None
+        if args.offload:
+            raise _UsageError("fluxcore: --max-memory chooses the offload itself; drop --offload")
+    if args.ulysses * args.ring > 1 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise _UsageError(
+            "fluxcore: --ulysses/--ring need several processes: torchrun --nproc-per-node N -m fluxcore generate ..."
+        )
+
+
+def _load_extras(pipe, args, loras, nets) -> dict:
+    """Load the LoRAs, ControlNets, IP-Adapter and Redux the flags name; the call's keywords for them."""
+    for i, (path, weight) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora{i}", weight=weight)
+    if nets:
+        pipe.load_controlnet([p for p, _ in nets])
+    if args.ip_adapter:
+        pipe.load_ip_adapter(args.ip_adapter, image_encoder=args.image_encoder, scale=args.ip_scale)
+    if args.redux_model:
+        pipe.load_redux(*args.redux_model)
+    images = [_open_image(p, "--control-image") for p in args.control_image or []]
+    if args.canny:
+        from fluxcore.canny import canny
+
+        images = [canny(im) for im in images]
+    modes = [int(m) if m.isdigit() else m for m in args.control_mode or []]
+    kw = {
+        "control_image": (images if len(images) > 1 else images[0]) if images else None,
+        "ip_adapter_image": _open_image(args.ip_image, "--ip-image") if args.ip_image else None,
+        "redux_image": _open_image(args.redux_image, "--redux-image") if args.redux_image else None,
+    }
+    if nets:
+        kw.update(
+            control_mode=(modes if len(modes) > 1 else modes[0]) if modes else None,
+            controlnet_conditioning_scale=[s for _, s in nets] if len(nets) > 1 else nets[0][1],
+            control_guidance_start=args.control_start, control_guidance_end=args.control_end,
+        )  # fmt: skip
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _generate(args) -> int:
     import random
 
@@ -259,6 +396,7 @@ def _generate(args) -> int:
 
     from fluxcore.weights.hub import is_hub_id
 
+    _check(args)
     if args.model is None and not DEMO_MODEL.is_dir():
         raise _UsageError(
             f"fluxcore: no --model given and the demo model {DEMO_MODEL} is not installed; pass --model PATH"
@@ -269,12 +407,8 @@ def _generate(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() != ".png":
         raise _UsageError(f"fluxcore: --out must name a .png file, got {out}")
-    if args.negative_prompt is not None and args.true_cfg <= 1:
-        raise _UsageError("fluxcore: --negative-prompt needs --true-cfg > 1 (e.g. --true-cfg 4)")
-    if args.mask is not None and args.image is None:
-        raise _UsageError("fluxcore: --mask needs --image (the image to fill)")
-    if args.strength is not None and args.image is None:
-        raise _UsageError("fluxcore: --strength needs --image (img2img)")
+    loras = [_spec(s, "--lora") for s in args.lora]
+    nets = [_spec(s, "--controlnet") for s in args.controlnet]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -286,14 +420,11 @@ def _generate(args) -> int:
     images_in = {
         "image": _open_image(args.image, "--image") if args.image else None,
         "mask_image": _open_image(args.mask, "--mask") if args.mask else None,
-        "control_image": _open_image(args.control_image, "--control-image") if args.control_image else None,
     }
 
     small = _is_demo(model)  # the demo model is tiny: default to a tiny image
     width = args.width or (64 if small else None)
     height = args.height or (64 if small else None)
-    first = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32 - args.num_images)
-    seeds = [first + k for k in range(args.num_images)]
     from fluxcore.images import check_side
 
     for name, value in (("width", width), ("height", height)):
@@ -303,8 +434,29 @@ def _generate(args) -> int:
         raise _UsageError(
             f"fluxcore: --max-sequence-length must be <= 512 (T5's), got {args.max_sequence_length}"
         )
-    paths = plan_outputs(out, seeds, args.overwrite)  # before loading anything
+    from fluxcore.distributed import broadcast_object, destroy_distributed, init_distributed
 
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    main_rank = True
+    if distributed:
+        info = init_distributed(device=args.device)  # None: this rank's GPU, or the CPU
+        device, main_rank = info.device, info.is_main
+    try:
+        first = (
+            args.seed if args.seed is not None else random.SystemRandom().randrange(2**32 - args.num_images)
+        )
+        first = broadcast_object(first)  # one seed for every rank
+        seeds = [first + k for k in range(args.num_images)]
+        paths = plan_outputs(out, seeds, args.overwrite) if args.prompts is None else []  # before loading
+        return _run(
+            args, model, device, dtype, width, height, seeds, paths, images_in, loras, nets, main_rank
+        )
+    finally:
+        if distributed:
+            destroy_distributed()
+
+
+def _run(args, model, device, dtype, width, height, seeds, paths, images_in, loras, nets, main_rank) -> int:
     from PIL.PngImagePlugin import PngInfo
 
     import fluxcore
@@ -312,9 +464,30 @@ def _generate(args) -> int:
 
     t0 = _progress(f"loading {model} ...")
     load_device = "cpu" if args.offload else device
-    pipe = FluxPipeline.from_pretrained(args.model or model, torch_dtype=dtype, device=load_device)
+    parallel = {"ulysses": args.ulysses, "ring": args.ring} if args.ulysses * args.ring > 1 else None
+    pipe = FluxPipeline.from_pretrained(
+        args.model or model,
+        torch_dtype=dtype,
+        device=load_device,
+        max_memory=args.max_memory,
+        parallel=parallel,
+    )
+    if args.max_memory:
+        _progress(f"memory plan for --max-memory {args.max_memory}:\n{pipe.memory_plan}")
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
+    extras = _load_extras(pipe, args, loras, nets)
+    if args.prompts:
+        from fluxcore.generate_many import generate_many
+
+        s = generate_many(
+            pipe, args.prompts, args.out_dir or "fluxcore-out", seed=args.seed or 0, steps=args.steps,
+            guidance=args.guidance, width=width, height=height, sampler=args.sampler,
+            negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, max_sequence_length=args.max_sequence_length,
+        )  # fmt: skip
+        if s.manifest is not None:
+            print(f"wrote {s.manifest} ({len(s.generated)} generated here, {len(s.skipped)} already there)")
+        return 0
     t1 = _progress(f"loaded in {time.perf_counter() - t0:.1f} s; sampling {args.num_images} image(s) ...")
     result = pipe(
         args.prompt,
@@ -333,7 +506,10 @@ def _generate(args) -> int:
         kontext_auto_resize=args.kontext_resize,
         output_type="latent",
         **{k: v for k, v in images_in.items() if v is not None},
+        **extras,
     )
+    if not main_rank:  # every rank sampled the same images; rank 0 decodes and writes them
+        return 0
     t2 = _progress(f"sampled in {time.perf_counter() - t1:.1f} s; decoding ...")
     info = result.info
     images = pipe.decode(result.images, info["height"], info["width"])
@@ -357,7 +533,12 @@ def _generate(args) -> int:
             "image": args.image or "",
             "strength": args.strength if args.image and pipe.mode == "text" else None,
             "mask": args.mask or "",
-            "control_image": args.control_image or "",
+            "control_image": ", ".join(args.control_image or []),
+            "lora": ", ".join(f"{p}:{w:g}" for p, w in loras),
+            "controlnet": ", ".join(f"{p}:{w:g}" for p, w in nets),
+            "ip_adapter": f"{args.ip_adapter}:{args.ip_scale:g}" if args.ip_adapter else "",
+            "ip_image": args.ip_image or "",
+            "redux_image": args.redux_image or "",
             "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
             "device": str(device),
             "fluxcore_version": fluxcore.__version__,
@@ -384,6 +565,7 @@ def _info(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from fluxcore.errors import ConfigError, FluxcoreError, WeightsError
+    from fluxcore.memory import MemoryPlanError
 
     def one_line_warning(message, category, filename, lineno, file=None, line=None):
         text = " ".join(str(message).split())
@@ -404,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (ConfigError, WeightsError) as e:
+    except (ConfigError, WeightsError, MemoryPlanError) as e:
         print(f"fluxcore: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except FluxcoreError as e:

@@ -69,7 +69,9 @@ class _MarkTokensDynamic:
 def cuda_graph_refusal(model: nn.Module, torch_compile_kwargs: dict) -> str | None:
     """None if the requested compile mode can run where the model is, else why not."""
     options = torch_compile_kwargs.get("options") or {}
-    wants_graphs = torch_compile_kwargs.get("mode") == "reduce-overhead" or bool(options.get("triton.cudagraphs"))
+    wants_graphs = torch_compile_kwargs.get("mode") == "reduce-overhead" or bool(
+        options.get("triton.cudagraphs")
+    )
     if not wants_graphs:
         return None
     param = next(model.parameters(), None)
@@ -131,6 +133,8 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name in _BLOCK_LISTS:
         blocks = getattr(model, name, None)
         if not isinstance(blocks, nn.ModuleList):
-            raise FluxcoreError(f"compile_blocks needs model.{name} to be an nn.ModuleList, found {type(blocks).__name__}")
+            raise FluxcoreError(
+                f"compile_blocks needs model.{name} to be an nn.ModuleList, found {type(blocks).__name__}"
+            )
         out += [(f"{name}.{key}", block) for key, block in blocks._modules.items()]
     return out

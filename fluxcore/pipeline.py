@@ -13,13 +13,14 @@ A call runs the reference's recipe as five stages, each a method that can be cal
 
 The conditioning mode is the model's (`FluxPipeline.mode`): "fill" takes `image` + `mask_image`,
 "control" (Canny/Depth) takes `control_image`, "kontext" takes `image` as the reference, and
-"text" takes `image` for img2img (`strength`). Redux image embeddings (`image_embeds`, after
-`load_redux`) add text tokens in any mode. Argument checks live in `fluxcore.pipeline_inputs`.
+"text" takes `image` for img2img (`strength`; with `mask_image`, masked img2img). What is loaded on
+top — LoRAs, ControlNets, an IP-Adapter, Redux — lives in `fluxcore.pipeline_adapters`; offload,
+the memory plan and context parallelism in `fluxcore.pipeline_devices`; argument checks in
+`fluxcore.pipeline_inputs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fluxcore import pipeline_adapters as adapters
+from fluxcore import pipeline_devices as devices
+from fluxcore import pipeline_text
 from fluxcore.conditioning import (
     append_redux,
     control_inputs,
@@ -34,8 +38,6 @@ from fluxcore.conditioning import (
     img2img_inputs,
     img2img_start,
     kontext_inputs,
-    load_redux,
-    redux_inputs,
 )
 from fluxcore.errors import ConfigError, FluxcoreError
 from fluxcore.images import check_output_type, to_output
@@ -43,14 +45,12 @@ from fluxcore.latents import draw_noise, image_seq_len, make_img_ids, unpack
 from fluxcore.pipeline_inputs import (
     Scheduler,
     apply_kernels,
-    cap_sequence_length,
     lora_scale,
     noise_generators,
-    repeat_embeds,
     step_end_hook,
     validate,
 )
-from fluxcore.sampling import CFGDenoiser, FlowDenoiser, get_sampler, nan_guard
+from fluxcore.sampling import get_sampler, nan_guard
 from fluxcore.schedules import ScheduleConfig, make_schedule
 
 
@@ -86,22 +86,13 @@ class FluxPipeline:
     when a CUDA device and the Triton kernels are available (None, the default). The fused modules
     fall back to the plain math wherever their kernels cannot run, so moving the pipeline between
     devices stays exact; `fused_modules` lists what was replaced.
+    Loaded on top (methods below): `controlnets`, `ip_adapter` (its handle), `redux` + `siglip`.
     """
 
     def __init__(
-        self,
-        transformer,
-        ae,
-        t5,
-        clip,
-        t5_tokenizer,
-        clip_tokenizer,
-        *,
-        kontext: bool = False,
-        redux: nn.Module | None = None,
-        schedule: ScheduleConfig | None = None,
-        fused_kernels: bool | None = None,
-    ):
+        self, transformer, ae, t5, clip, t5_tokenizer, clip_tokenizer, *, kontext: bool = False,
+        redux: nn.Module | None = None, schedule: ScheduleConfig | None = None, fused_kernels: bool | None = None,
+    ):  # fmt: skip
         self.transformer = transformer
         self.ae = ae
         self.t5 = t5
@@ -109,11 +100,15 @@ class FluxPipeline:
         self.t5_tokenizer = t5_tokenizer
         self.clip_tokenizer = clip_tokenizer
         self.kontext = bool(kontext)
-        self.redux = redux
+        self.redux, self.siglip = redux, None
+        self.controlnets: list[nn.Module] = []
+        self.ip_adapter = None
         if schedule is None:
             schedule = ScheduleConfig.unshifted() if self.is_schnell else ScheduleConfig()
         self.schedule = schedule
         self._offload_device: torch.device | None = None
+        self._parallel = None
+        self.memory_plan = self.max_memory = None
         self.fused_modules: list[str] = apply_kernels(transformer, fused_kernels)
 
     # diffusers' component names for the same objects
@@ -145,68 +140,54 @@ class FluxPipeline:
 
     @classmethod
     def from_pretrained(
-        cls,
-        path,
-        *,
-        torch_dtype: torch.dtype | None = None,
-        device=None,
-        kontext: bool | None = None,
-        fused_kernels: bool | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        subfolder: str | None = None,
-        token: str | bool | None = None,
-        cache_dir=None,
-        local_files_only: bool = False,
-        force_download: bool = False,
-    ) -> FluxPipeline:
-        """Load every part from a model folder or a Hugging Face Hub id:
-        - a Hub id ("black-forest-labs/FLUX.1-dev"): resolved through huggingface_hub's cache
-          (downloaded once, only the diffusers component folders; HF_HUB_OFFLINE=1 or
-          local_files_only=True: the cache alone). revision, token, cache_dir, force_download as
-          huggingface_hub; variant ("fp16", ...) picks `*.{variant}.safetensors` weights and
-          subfolder the folder of the repository the pipeline sits in, as diffusers.
+        cls, path, *, torch_dtype: torch.dtype | None = None, device=None, kontext: bool | None = None,
+        fused_kernels: bool | None = None, controlnet=None, max_memory=None, parallel: dict | None = None,
+        revision: str | None = None, variant: str | None = None, subfolder: str | None = None,
+        token: str | bool | None = None, cache_dir=None, local_files_only: bool = False, force_download: bool = False,
+    ) -> FluxPipeline:  # fmt: skip
+        """Load every part from a model folder or a Hugging Face Hub id (docs/pipeline.md):
+        - a Hub id ("black-forest-labs/FLUX.1-dev"), resolved through huggingface_hub's cache;
+          revision, variant, subfolder, token, cache_dir, local_files_only, force_download as diffusers;
         - a Hugging Face snapshot folder (model_index.json, transformer/, vae/, text_encoder/,
-          text_encoder_2/, tokenizer/, tokenizer_2/, and scheduler/scheduler_config.json), or
+          text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/scheduler_config.json), or
         - a folder with the BFL files (flux1-*.safetensors, ae.safetensors) plus those four text folders.
-        torch_dtype: default bf16 on CUDA, float32 elsewhere. device: default CPU.
-        kontext: default from model_index.json (FluxKontextPipeline) or "kontext" in the file/folder name.
-        Without a scheduler config the schedule is the reference's for the variant.
-        fused_kernels: see the class docstring (default: on where a CUDA GPU and Triton are).
+        torch_dtype: default bf16 on CUDA, float32 elsewhere. device: default CPU (this rank's
+        device with `parallel`). kontext: default from model_index.json or the file/folder name.
+        Without a scheduler config the schedule is the reference's. fused_kernels: see the class.
+        controlnet: a ControlNet path or a list (`load_controlnet`). max_memory: e.g. "12GB" →
+        `fit_memory`. parallel: {"ulysses": U, "ring": R} or {"mesh": mesh} → `enable_context_parallel`.
         """
         from fluxcore.pipeline_load import load_pretrained
 
+        if parallel is not None and device is None:
+            from fluxcore.distributed import init_distributed
+
+            device = init_distributed().device
         parts = load_pretrained(
             path, torch_dtype=torch_dtype, device=device, kontext=kontext, revision=revision, variant=variant,
             subfolder=subfolder, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
             force_download=force_download,
         )  # fmt: skip
-        return cls(**parts, fused_kernels=fused_kernels)
+        pipe = cls(**parts, fused_kernels=fused_kernels)
+        if controlnet is not None:
+            pipe.load_controlnet(controlnet)
+        if max_memory is not None:
+            pipe.fit_memory(max_memory)
+        if parallel is not None:
+            pipe.enable_context_parallel(**parallel)
+        return pipe
 
     @classmethod
     def from_single_file(
-        cls,
-        transformer_file,
-        *,
-        t5=None,
-        clip=None,
-        ae=None,
-        tokenizers=None,
-        torch_dtype: torch.dtype | None = None,
-        device=None,
-        kontext: bool | None = None,
-        fused_kernels: bool | None = None,
-        token: str | bool | None = None,
-        cache_dir=None,
-        local_files_only: bool = False,
-    ) -> FluxPipeline:
-        """Load from single .safetensors files, as ComfyUI keeps them: `transformer_file` (BFL or
-        diffusers keys, optionally under `model.diffusion_model.`; an all-in-one checkpoint also
-        holds the text encoders under `text_encoders.clip_l.` / `text_encoders.t5xxl.` and the
-        autoencoder under `vae.`). t5 / clip / ae: files or folders for the parts the transformer
-        file lacks (a missing part is named, with where official copies come from). tokenizers: a
-        folder with tokenizer/ and tokenizer_2/ or a Hub id; default FLUX.1-schnell's through the
-        Hugging Face cache (token, cache_dir, local_files_only as `from_pretrained`)."""
+        cls, transformer_file, *, t5=None, clip=None, ae=None, tokenizers=None, torch_dtype: torch.dtype | None = None,
+        device=None, kontext: bool | None = None, fused_kernels: bool | None = None, token: str | bool | None = None,
+        cache_dir=None, local_files_only: bool = False,
+    ) -> FluxPipeline:  # fmt: skip
+        """Load from single .safetensors files, as ComfyUI keeps them (docs/pipeline.md):
+        `transformer_file` (BFL or diffusers keys, optionally under `model.diffusion_model.`; an
+        all-in-one checkpoint also holds the text encoders and the autoencoder); t5 / clip / ae:
+        files or folders for the parts it lacks; tokenizers: a folder with tokenizer/ and
+        tokenizer_2/ or a Hub id (default FLUX.1-schnell's through the Hugging Face cache)."""
         from fluxcore.pipeline_load import load_single_file
 
         parts = load_single_file(
@@ -215,17 +196,43 @@ class FluxPipeline:
         )  # fmt: skip
         return cls(**parts, fused_kernels=fused_kernels)
 
-    def load_redux(self, path) -> FluxPipeline:
-        """Load FLUX.1-Redux's projector (flux1-redux-dev.safetensors); enables `image_embeds=`."""
-        self.redux = load_redux(
-            path, device="cpu" if self._offload_device else self.device, dtype=self.transformer.dtype
-        )
-        return self
+    # --- loaded on top (fluxcore.pipeline_adapters; diffusers' names, docstrings there) ----------
 
-    # --- devices ---------------------------------------------------------------------------
+    load_lora_weights = adapters.load_lora_weights
+    set_adapters = adapters.set_adapters
+    fuse_lora = adapters.fuse_lora
+    unfuse_lora = adapters.unfuse_lora
+    unload_lora_weights = adapters.unload_lora_weights
+    enable_lora = adapters.enable_lora
+    disable_lora = adapters.disable_lora
+    get_active_adapters = adapters.get_active_adapters
+    load_controlnet = adapters.load_controlnet
+    load_ip_adapter = adapters.load_ip_adapter
+    set_ip_adapter_scale = adapters.set_ip_adapter_scale
+    unload_ip_adapter = adapters.unload_ip_adapter
+    load_redux = adapters.load_redux
+
+    # --- devices (fluxcore.pipeline_devices; diffusers' names, docstrings there) -----------------
+
+    to = devices.to
+    enable_model_cpu_offload = devices.enable_model_cpu_offload
+    enable_sequential_cpu_offload = devices.enable_sequential_cpu_offload
+    enable_group_offload = devices.enable_group_offload
+    enable_vae_tiling = devices.enable_vae_tiling
+    enable_vae_slicing = devices.enable_vae_slicing
+    fit_memory = devices.fit_memory
+    enable_context_parallel = devices.enable_context_parallel
+    disable_context_parallel = devices.disable_context_parallel
+    _stage = devices.stage
 
     def _modules(self) -> list[nn.Module]:
-        return [m for m in (self.transformer, self.ae, self.t5, self.clip, self.redux) if m is not None]
+        """Every model the pipeline holds (moved by `to`, offloaded by the offload modes)."""
+        extra = [*self.controlnets, self.siglip]
+        if self.ip_adapter is not None:
+            extra += [self.ip_adapter.adapter, self.ip_adapter.image_encoder]
+        return [
+            m for m in (self.transformer, self.ae, self.t5, self.clip, self.redux, *extra) if m is not None
+        ]
 
     @property
     def device(self) -> torch.device:
@@ -235,61 +242,6 @@ class FluxPipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
-
-    def to(self, *args, device=None, dtype=None, torch_dtype=None) -> FluxPipeline:
-        """Move (and cast) the pipeline, as diffusers: `to("cuda")`, `to(torch.bfloat16)`,
-        `to("cuda", torch.bfloat16)`, `to(device=..., dtype=...)`. A dtype casts the transformer,
-        the text encoders and Redux; the autoencoder stays float32 (the reference's, run under
-        autocast on CUDA). Ends model CPU offload."""
-        for a in args:
-            if isinstance(a, torch.dtype):
-                dtype = a
-            else:
-                device = a
-        dtype = dtype or torch_dtype
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise ConfigError(f"to(): {device!r} is not a torch device") from None
-        self._offload_device = None
-        for m in self._modules():
-            m.to(device=device, dtype=None if m is self.ae else dtype)
-        return self
-
-    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None) -> FluxPipeline:
-        """Keep every model on the CPU and move each stage (text encoders, transformer, autoencoder)
-        to the accelerator only while it runs; peak device memory becomes the largest stage, not
-        the sum. Without `device`, CUDA (`cuda:{gpu_id}`); on a machine without CUDA that is a
-        ConfigError at once (pass device= to offload to another device)."""
-        if isinstance(gpu_id, (str, torch.device)):  # fluxcore's earlier `enable_model_cpu_offload(device)`
-            gpu_id, device = None, gpu_id
-        if device is None:
-            if not torch.cuda.is_available():
-                raise ConfigError(
-                    "enable_model_cpu_offload: this machine has no CUDA device to offload to; "
-                    "pass device= (e.g. 'mps'), or run without offloading"
-                )
-            device = f"cuda:{gpu_id or 0}"
-        self._offload_device = torch.device(device)
-        for m in self._modules():
-            m.to("cpu")
-        return self
-
-    @contextlib.contextmanager
-    def _stage(self, *modules: nn.Module):
-        if self._offload_device is None:
-            yield
-            return
-        for m in modules:
-            m.to(self._offload_device)
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.to("cpu")
-            if self._offload_device.type == "cuda":
-                torch.cuda.empty_cache()
 
     # --- properties of the loaded model ----------------------------------------------------
 
@@ -305,12 +257,6 @@ class FluxPipeline:
         mode = self.transformer.config.conditioning
         return "kontext" if mode == "text" and self.kontext else mode
 
-    def default_max_sequence_length(self) -> int:
-        # The reference's length, capped by the tokenizer's model_max_length (512 in FLUX's
-        # tokenizer_2/; 24 in the shipped tiny model, which was trained with that padding).
-        reference = 256 if self.is_schnell else 128 if self.mode == "fill" else 512
-        return min(reference, getattr(self.t5_tokenizer, "max_length", reference))
-
     # --- the call --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -318,41 +264,23 @@ class FluxPipeline:
         self,
         prompt: str | Sequence[str] | None = None,
         *,
-        prompt_2: str | Sequence[str] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        negative_prompt_2: str | Sequence[str] | None = None,
-        true_cfg_scale: float = 1.0,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        sigmas: Sequence[float] | None = None,
-        guidance_scale: float = 3.5,
-        num_images_per_prompt: int = 1,
+        prompt_2=None, negative_prompt=None, negative_prompt_2=None, true_cfg_scale: float = 1.0,
+        height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+        sigmas: Sequence[float] | None = None, guidance_scale: float = 3.5, num_images_per_prompt: int = 1,
         generator: int | torch.Generator | Sequence[int | torch.Generator] | None = None,
-        latents: Tensor | None = None,
-        prompt_embeds: Tensor | None = None,
-        pooled_prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None,
-        negative_pooled_prompt_embeds: Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        joint_attention_kwargs: dict | None = None,
-        callback_on_step_end: Callable | None = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        latents: Tensor | None = None, prompt_embeds: Tensor | None = None, pooled_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None, negative_pooled_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, joint_attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         max_sequence_length: int | None = None,
-        image=None,
-        strength: float | None = None,
-        mask_image=None,
-        control_image=None,
-        image_embeds: Tensor | None = None,
-        kontext_auto_resize: bool = True,
-        sampler: str | Callable = "euler",
-        scheduler: str | None = None,
-        sampler_options: dict | None = None,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-    ) -> FluxPipelineOutput | tuple:
-        """Generate images; the keywords are those of diffusers' FluxPipeline, with its meanings
+        image=None, strength: float | None = None, mask_image=None, kontext_auto_resize: bool = True,
+        control_image=None, control_mode=None, controlnet_conditioning_scale=1.0, control_guidance_start=0.0,
+        control_guidance_end=1.0, ip_adapter_image=None, negative_ip_adapter_image=None,
+        image_embeds: Tensor | None = None, redux_image=None,
+        sampler: str | Callable = "euler", scheduler: str | None = None, sampler_options: dict | None = None,
+        callback: Callable[[dict], None] | None = None, progress: bool = True,
+    ) -> FluxPipelineOutput | tuple:  # fmt: skip
+        """Generate images; the keywords are those of diffusers' Flux pipelines, with their meanings
         (docs/pipeline.md has the table). Beyond diffusers:
 
         generator: also an int seed or a list of seeds (the reference's noise, `get_noise`); stochastic
@@ -360,10 +288,13 @@ class FluxPipeline:
         sigmas: N flow times in (0, 1], shifted by the schedule and ended with 0 (as diffusers).
         scheduler: a spacing from `fluxcore.schedules.SCHEDULERS` (ComfyUI's names; "simple" is FLUX's).
         sampler / sampler_options: a name from `fluxcore.sampling.SAMPLERS` or a sampler function.
-        image: img2img input (with strength, default 0.6), the image to fill (Fill, with mask_image:
-          white = generate) or the Kontext reference; control_image: the Canny/Depth map. PIL images,
-          numpy arrays or tensors in [0, 1] (negative values: [-1, 1]) or lists of them.
-        image_embeds: Redux SigLIP embeddings [N, 1152] or [B, N, 1152] (after `load_redux`).
+        image: img2img input (with strength, default 0.6; with mask_image, masked img2img as
+          diffusers' FluxInpaintPipeline), the image to fill (Fill, with mask_image: white =
+          generate) or the Kontext reference; control_image: the Canny/Depth map, or the
+          ControlNets' condition(s). PIL images, numpy arrays or tensors in [0, 1] (negative
+          values: [-1, 1]) or lists of them.
+        image_embeds / redux_image: Redux SigLIP embeddings [N, 1152] or [B, N, 1152], or PIL
+          image(s) (after `load_redux`). ip_adapter_image: after `load_ip_adapter`.
         joint_attention_kwargs: only {"scale": s}, the LoRA scale for this call.
         callback_on_step_end(pipe, i, t, kwargs) -> dict: t = 1000·σ_i; returned "latents" /
           "prompt_embeds" replace the pipeline's. callback: k-diffusion's per-step dict instead.
@@ -371,20 +302,32 @@ class FluxPipeline:
         """
         args = dict(locals())
         r = validate(self, args)
-        with lora_scale(self.transformer, joint_attention_kwargs):
+        devices.check_memory(self, r.height, r.width, r.n, self.cap_max_sequence_length(max_sequence_length))
+        with lora_scale(adapters.lora_models(self).values(), joint_attention_kwargs):
             text, negative = self.encode_text(
                 r.prompts, num_images_per_prompt, max_sequence_length, r.negative if r.true_cfg else None,
                 image_embeds, prompt_2=r.prompts_2, negative_prompts_2=r.negative_2,
-                embeds=(prompt_embeds, pooled_prompt_embeds),
+                embeds=(prompt_embeds, pooled_prompt_embeds), redux_image=redux_image,
                 negative_embeds=(negative_prompt_embeds, negative_pooled_prompt_embeds) if r.true_cfg else None,
             )  # fmt: skip
             x, img_ids, seeds = self.prepare_latents(r.n, r.height, r.width, generator, latents)
             timesteps = self.get_timesteps(r.steps, x.shape[1], sigmas=sigmas, scheduler=scheduler)
             x, timesteps, cond = self.prepare_conditioning(
-                r.mode, x, timesteps, r.width, r.height,
-                image=image, strength=strength, mask_image=mask_image, control_image=control_image,
-                kontext_auto_resize=kontext_auto_resize,
+                r.mode, x, timesteps, r.width, r.height, image=image, strength=strength, mask_image=mask_image,
+                control_image=None if self.controlnets else control_image, kontext_auto_resize=kontext_auto_resize,
             )  # fmt: skip
+            controls = []
+            if self.controlnets:
+                controls = adapters.controls(
+                    self, control_image, control_mode, controlnet_conditioning_scale, control_guidance_start,
+                    control_guidance_end, r.width, r.height,
+                )  # fmt: skip
+            if self.ip_adapter is not None:
+                cond["ip_tokens"], neg_ip = adapters.ip_tokens(
+                    self, ip_adapter_image, negative_ip_adapter_image, r.n, negative is not None
+                )
+                if negative is not None:
+                    negative["ip_tokens"] = neg_ip
             extra = {"img_ids": img_ids, **text, "guidance": float(guidance_scale), **cond}
             step_end = None
             if callback_on_step_end is not None:
@@ -393,7 +336,7 @@ class FluxPipeline:
             x = self.denoise(
                 x, timesteps, extra, sampler=r.sample, negative=negative, true_cfg_scale=true_cfg_scale,
                 callback=callback, progress=progress, generator=noise_generators(generator, seeds),
-                sampler_options=sampler_options, step_end=step_end,
+                sampler_options=sampler_options, step_end=step_end, controls=controls,
             )  # fmt: skip
         info = {"height": r.height, "width": r.width, "num_inference_steps": r.steps, "timesteps": timesteps}
         images = x if output_type == "latent" else self.decode(x, r.height, r.width, output_type)
@@ -402,89 +345,26 @@ class FluxPipeline:
 
     # --- the stages ------------------------------------------------------------------------
 
-    def encode_prompt(
-        self,
-        prompt,
-        prompt_2=None,
-        device=None,
-        num_images_per_prompt: int = 1,
-        prompt_embeds: Tensor | None = None,
-        pooled_prompt_embeds: Tensor | None = None,
-        max_sequence_length: int | None = None,
-        lora_scale: float | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """diffusers' `encode_prompt`: (prompt_embeds [N, L, 4096] T5, pooled_prompt_embeds [N, 768]
-        CLIP, text_ids [L, 3] zeros) with N = prompts × num_images_per_prompt; CLIP reads `prompt`,
-        T5 `prompt_2` (default `prompt`). Given embeddings are repeated, not recomputed.
-        `lora_scale` is accepted for diffusers' signature and has no effect on the text encoders
-        (fluxcore's LoRA loader patches only the transformer)."""
-        device = torch.device(device) if device is not None else self.device
-        if prompt_embeds is not None:
-            if pooled_prompt_embeds is None:
-                raise ConfigError("prompt_embeds needs pooled_prompt_embeds as well, as diffusers requires")
-            txt = repeat_embeds(prompt_embeds, num_images_per_prompt, device)
-            vec = repeat_embeds(pooled_prompt_embeds, num_images_per_prompt, device)
-        else:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompts_2 = (
-                prompts
-                if prompt_2 is None
-                else [prompt_2] * len(prompts)
-                if isinstance(prompt_2, str)
-                else list(prompt_2)
-            )
-            txt, vec = self._encode_texts(
-                prompts, prompts_2, num_images_per_prompt, max_sequence_length, device
-            )
-        return txt, vec, torch.zeros(txt.shape[1], 3, device=device, dtype=txt.dtype)
-
-    def encode_prompt_reference(
-        self, prompt, num_images_per_prompt: int = 1, max_sequence_length: int | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The reference's order: (txt [N, L, 4096], txt_ids [N, L, 3] float32, vec [N, 768]) on the
-        pipeline device, N = prompts × images per prompt (fluxcore's `encode_prompt` before it took
-        diffusers' signature)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        txt, vec = self._encode_texts(
-            prompts, prompts, num_images_per_prompt, max_sequence_length, self.device
-        )
-        return txt, torch.zeros(*txt.shape[:2], 3, device=txt.device), vec
-
-    def _encode_texts(self, prompts, prompts_2, k, max_sequence_length, device) -> tuple[Tensor, Tensor]:
-        """T5 over prompts_2 and CLIP over prompts → (txt [N, L, 4096], vec [N, 768]) on `device`."""
-        length = self.cap_max_sequence_length(max_sequence_length)
-        with self._stage(self.t5, self.clip):
-            txt = self.t5(self.t5_tokenizer(prompts_2, max_length=length).to(self.t5.device)).to(device)
-            vec = self.clip(self.clip_tokenizer(prompts).to(self.clip.device)).pooler_output.to(device)
-        return repeat_embeds(txt, k, device), repeat_embeds(vec, k, device)
-
-    def cap_max_sequence_length(self, max_sequence_length: int | None) -> int:
-        """The T5 length a call uses: the given one (default `default_max_sequence_length`), capped at
-        the tokenizer's trained length (model_max_length) with a warning."""
-        if max_sequence_length is None:
-            return self.default_max_sequence_length()
-        return cap_sequence_length(max_sequence_length, getattr(self.t5_tokenizer, "max_length", None))
+    # diffusers' `encode_prompt`, the reference's order, the T5 length (fluxcore.pipeline_text)
+    encode_prompt = pipeline_text.encode_prompt
+    encode_prompt_reference = pipeline_text.encode_prompt_reference
+    cap_max_sequence_length = pipeline_text.cap_max_sequence_length
+    default_max_sequence_length = pipeline_text.default_max_sequence_length
 
     @torch.no_grad()
     def encode_text(
-        self,
-        prompts: list[str] | None,
-        num_images_per_prompt: int = 1,
-        max_sequence_length: int | None = None,
-        negative_prompts: list[str] | None = None,
-        image_embeds: Tensor | None = None,
-        *,
-        prompt_2: list[str] | None = None,
-        negative_prompts_2: list[str] | None = None,
+        self, prompts: list[str] | None, num_images_per_prompt: int = 1, max_sequence_length: int | None = None,
+        negative_prompts: list[str] | None = None, image_embeds: Tensor | None = None, *,
+        prompt_2: list[str] | None = None, negative_prompts_2: list[str] | None = None,
         embeds: tuple[Tensor | None, Tensor | None] = (None, None),
-        negative_embeds: tuple[Tensor | None, Tensor | None] | None = None,
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        negative_embeds: tuple[Tensor | None, Tensor | None] | None = None, redux_image=None,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:  # fmt: skip
         """The text inputs of the model: ({"txt": [N, L, 4096], "txt_ids": [N, L, 3], "y": [N, 768]},
         the same for the negative prompts (or `negative_embeds`) or None). `prompt_2` /
         `negative_prompts_2` are T5's prompts (default the CLIP ones); `embeds` = (prompt_embeds,
         pooled_prompt_embeds) replace the prompts. Redux tokens from `image_embeds` ([N_r, 1152] or
-        [B, N_r, 1152]) are appended to both, so L = T5 length + N_r. Text inputs are cast to the
-        transformer's dtype."""
+        [B, N_r, 1152]) or `redux_image` (PIL images, through `siglip`) are appended to both, so
+        L = T5 length + N_r. Text inputs are cast to the transformer's dtype."""
         dtype = self.transformer.dtype
 
         def inputs(p, p2, e) -> dict[str, Tensor]:
@@ -501,9 +381,8 @@ class FluxPipeline:
             negative = inputs(None, None, negative_embeds)
         elif negative_prompts is not None:
             negative = inputs(negative_prompts, negative_prompts_2, (None, None))
-        if image_embeds is not None:
-            with self._stage(self.redux):
-                tokens = redux_inputs(self.redux, image_embeds, self.device)
+        if image_embeds is not None or redux_image is not None:
+            tokens = adapters.redux_tokens(self, image_embeds, redux_image)
             for d in (text, negative) if negative is not None else (text,):
                 d["txt"], d["txt_ids"] = append_redux(d["txt"], d["txt_ids"], tokens)
         return text, negative
@@ -543,27 +422,20 @@ class FluxPipeline:
 
     @torch.no_grad()
     def prepare_conditioning(
-        self,
-        mode: str,
-        x: Tensor,
-        timesteps: list[float],
-        width: int,
-        height: int,
-        *,
-        image=None,
-        strength: float | None = None,
-        mask_image=None,
-        control_image=None,
-        kontext_auto_resize: bool = True,
-    ) -> tuple[Tensor, list[float], dict[str, Tensor]]:
+        self, mode: str, x: Tensor, timesteps: list[float], width: int, height: int, *, image=None,
+        strength: float | None = None, mask_image=None, control_image=None, kontext_auto_resize: bool = True,
+    ) -> tuple[Tensor, list[float], dict[str, Tensor]]:  # fmt: skip
         """(start latents [N, L, 64], the flow times to run, the mode's extra model inputs batched to N):
 
         fill      {"img_cond": [N, L, 320]} from image + mask_image
         control   {"img_cond": [N, L, 64]} from control_image
         kontext   {"img_cond_seq": [N, L_ref, 64], "img_cond_seq_ids": [N, L_ref, 3]} from image
-        text      with image: img2img, x and timesteps start later (`img2img_start`); else unchanged
+        text      with image: img2img, x and timesteps start later (`img2img_start`); with
+                  mask_image too: {"inpaint_x0": [N, L, 64], "inpaint_mask": [N, L, 64]} (masked
+                  img2img, `pipeline_adapters.MaskedDenoiser`)
         """
         encode, n = self._encode_image, x.shape[0]
+        cond = {}
         if mode == "fill":
             cond = fill_inputs(encode, image, mask_image, width, height)
         elif mode == "control":
@@ -573,36 +445,24 @@ class FluxPipeline:
         elif image is not None:
             init = self._batch(img2img_inputs(encode, image, width, height), n)
             x, timesteps = img2img_start(init, x, timesteps, 0.6 if strength is None else strength)
-            cond = {}
-        else:
-            cond = {}
+            if mask_image is not None:
+                cond = adapters.inpaint_inputs(init, mask_image, width, height)
         return x, timesteps, {k: self._batch(v, n) for k, v in cond.items()}
 
     @torch.no_grad()
     def denoise(
-        self,
-        x: Tensor,
-        timesteps: Sequence[float],
-        extra: dict,
-        *,
-        sampler: str | Callable = "euler",
-        negative: dict | None = None,
-        true_cfg_scale: float = 1.0,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-        generator=None,
-        sampler_options: dict | None = None,
-        step_end: Callable | None = None,
-    ) -> Tensor:
+        self, x: Tensor, timesteps: Sequence[float], extra: dict, *, sampler: str | Callable = "euler",
+        negative: dict | None = None, true_cfg_scale: float = 1.0, callback: Callable[[dict], None] | None = None,
+        progress: bool = True, generator=None, sampler_options: dict | None = None, step_end: Callable | None = None,
+        controls: Sequence = (),
+    ) -> Tensor:  # fmt: skip
         """Run the sampler from packed latents x [N, L, 64] over `timesteps` with the transformer
-        (`FlowDenoiser`; `CFGDenoiser` when `negative` text inputs are given) and model inputs
-        `extra`; returns the final packed latents [N, L, 64]. Stochastic samplers that take a
+        and model inputs `extra` (`pipeline_adapters.denoiser`: FlowDenoiser, with `controls`
+        (`fluxcore.controlnet.Control`s), the IP-Adapter, CFG with `negative`'s inputs and masked
+        img2img as they apply); returns the final packed latents [N, L, 64]. Stochastic samplers that take a
         `generator` get `generator` (one torch.Generator or one per image). `step_end(i, x, t)` runs
         after each step and may return new latents. Non-finite latents raise FluxcoreError."""
         sample = get_sampler(sampler) if isinstance(sampler, str) else sampler
-        model = FlowDenoiser(self.transformer)
-        if negative is not None:
-            model = CFGDenoiser(model, true_cfg_scale, negative)
         options = dict(sampler_options or {})
         try:
             params = inspect.signature(sample).parameters
@@ -613,16 +473,15 @@ class FluxPipeline:
         if step_end is not None:
             options["step_end"] = step_end
         num_steps = len(timesteps) - 1
-        with self._stage(self.transformer):
+        negative_cfg = dict(negative=negative, true_cfg_scale=true_cfg_scale)
+        with (
+            self._stage(self.transformer, *self.controlnets),
+            adapters.denoiser(self, timesteps, extra, controls=controls, **negative_cfg) as model,
+        ):
             x = sample(
-                model,
-                x,
-                timesteps,
-                extra_args=extra,
-                callback=nan_guard(callback, num_steps),
-                disable=None if progress else True,
-                **options,
-            )
+                model, x, timesteps, extra_args=extra, callback=nan_guard(callback, num_steps),
+                disable=None if progress else True, **options,
+            )  # fmt: skip
         if not torch.isfinite(x).all():
             raise FluxcoreError(
                 f"the latents became NaN or infinite in the last sampling step ({num_steps} of {num_steps}); "

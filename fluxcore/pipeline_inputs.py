@@ -84,9 +84,10 @@ class Scheduler:
 
 
 @contextlib.contextmanager
-def lora_scale(transformer: nn.Module, joint_attention_kwargs: dict | None):
+def lora_scale(models, joint_attention_kwargs: dict | None):
     """diffusers' `joint_attention_kwargs`: only {"scale": s} (the LoRA scale) means something
-    here; it multiplies every loaded adapter's weight for the call. Other keys are refused."""
+    here; it multiplies the strength of every live adapter of `models` (the transformer and the
+    text encoders; None entries are skipped) for the call. Other keys are refused."""
     kwargs = dict(joint_attention_kwargs or {})
     unknown = sorted(set(kwargs) - {"scale"})
     if unknown:
@@ -99,11 +100,11 @@ def lora_scale(transformer: nn.Module, joint_attention_kwargs: dict | None):
         raise ConfigError(f"joint_attention_kwargs['scale'] must be a number, got {scale!r}")
     buffers = []
     if scale != 1.0:
-        try:
-            from fluxcore.lora.layer import Adapter
-        except ImportError:  # no LoRA support installed: nothing to scale
-            Adapter = ()
-        buffers = [m.weight for m in transformer.modules() if Adapter and isinstance(m, Adapter)]
+        from fluxcore.lora.layer import Adapter
+
+        if isinstance(models, nn.Module):
+            models = [models]
+        buffers = [a.weight for m in models if m is not None for a in m.modules() if isinstance(a, Adapter)]
     saved = [b.clone() for b in buffers]
     for b in buffers:
         b.mul_(float(scale))
@@ -184,13 +185,11 @@ def validate(pipe, a: dict) -> Request:
         negative_2 = _matching(a["negative_prompt_2"], batch, "negative_prompt_2", negative)
     mode = pipe.mode
     image = a["image"]
+    _check_adapter_inputs(pipe, a, mode)
     check_inputs(
-        mode, pipe.transformer.config.in_channels, image, a["strength"], a["mask_image"], a["control_image"]
-    )
-    if a["image_embeds"] is not None and pipe.redux is None:
-        raise ConfigError(
-            "image_embeds= needs the Redux projector: call pipe.load_redux('flux1-redux-dev.safetensors') first"
-        )
+        mode, pipe.transformer.config.in_channels, image, a["strength"],
+        None if mode == "text" else a["mask_image"], None if pipe.controlnets else a["control_image"],
+    )  # fmt: skip
     height, width = a["height"], a["width"]
     if mode == "kontext" and image is not None:
         ref_w, ref_h = kontext_size(image, a["kontext_auto_resize"])
@@ -256,6 +255,36 @@ def validate(pipe, a: dict) -> Request:
         sample,
         true_cfg,
     )
+
+
+def _check_adapter_inputs(pipe, a: dict, mode: str) -> None:
+    """The inputs of what is loaded on top (ControlNets, IP-Adapter, Redux) and masked img2img."""
+    if pipe.controlnets and a["control_image"] is None:
+        raise ConfigError(f"{len(pipe.controlnets)} ControlNet(s) loaded: pass control_image=")
+    if pipe.controlnets and mode == "control":
+        raise ConfigError(
+            "ControlNets run on a base model; this is a Canny/Depth model (it takes control_image itself)"
+        )
+    if pipe.ip_adapter is not None and a["ip_adapter_image"] is None:
+        raise ConfigError("an IP-Adapter is loaded: pass ip_adapter_image= (or call unload_ip_adapter())")
+    if pipe.ip_adapter is None and (
+        a["ip_adapter_image"] is not None or a["negative_ip_adapter_image"] is not None
+    ):
+        raise ConfigError(
+            "ip_adapter_image= needs an IP-Adapter: call pipe.load_ip_adapter(path, image_encoder) first"
+        )
+    if a["image_embeds"] is not None and a["redux_image"] is not None:
+        raise ConfigError("pass either image_embeds= or redux_image=, not both")
+    if (a["image_embeds"] is not None or a["redux_image"] is not None) and pipe.redux is None:
+        raise ConfigError(
+            "image_embeds= / redux_image= need the Redux projector: call pipe.load_redux('flux1-redux-dev.safetensors') first"
+        )
+    if a["redux_image"] is not None and pipe.siglip is None:
+        raise ConfigError(
+            "redux_image= needs the SigLIP image encoder: pipe.load_redux(path, image_encoder=...)"
+        )
+    if mode == "text" and a["mask_image"] is not None and a["image"] is None:
+        raise ConfigError("mask_image on a text-to-image model inpaints image=: pass image= as well")
 
 
 def repeat_embeds(t: Tensor, k: int, device, dtype=None) -> Tensor:

@@ -113,31 +113,38 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-_FALLBACK = _cfg(32, 32, 4, 1)  # always fits, never spills: the list is never empty
+# The last resort for head dims ≤ 128: compiles without spills for every GPU checked.
+_FALLBACK = _cfg(32, 32, 4, 1)
+# Entries removed after the ahead-of-time check (bf16, the kernel as specialised for aligned
+# tensors); "spills" = ptxas reported register spills on that GPU:
+#   sm90  64: (128,128,4w,3) spills on sm_90 and sm_100
+#   sm90 128: (128,64,4w,3), (64,128,4w,3) spill; (128,128,8w,4) needs 288 KB shared memory
+#   sm90 256: (128,64,8w,2), (64,32,4w,2) spill on sm_100; (64,64,4w,2) spills; 32×32 4w spills
+#   sm80  64: (128,128,4w,2) spills
+#   sm80 128: (128,64,4w,3), (128,32,4w,3), (64,64,4w,3) spill (4 warps are too few for D = 128)
+#   sm80 256: (64,64,4w,2), (64,32,4w,2), 32×32 4w/8w spill
+#   sm86  64: (128,64,4w,3) and (128,128,4w,2) spill
+#   sm86 128: as sm80
+#   sm86 256: every tile tried spills (also (32,64,8w,2), (64,32,8w,2), (64,64,8w,2)): head dim
+#             256 is left to other backends on these GPUs (attention_unsupported_reason says so)
 _CONFIGS = {
     # Hopper and datacenter Blackwell (H100/H200, B200: 227 KB shared memory per block).
     "sm90": {
-        64: [_cfg(128, 128, 4, 3), _cfg(128, 64, 4, 4), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4)],
-        128: [
-            _cfg(128, 128, 8, 3),
-            _cfg(128, 64, 4, 3),
-            _cfg(128, 128, 8, 4),
-            _cfg(128, 64, 8, 4),
-            _cfg(64, 128, 4, 3),
-        ],
-        256: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+        64: [_cfg(128, 64, 4, 4), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4)],
+        128: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4)],
+        256: [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2)],
     },
     # A100 (163 KB): BLOCK_N 64 and shallower pipelines.
     "sm80": {
-        64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 4, 2), _cfg(64, 64, 4, 3)],
-        128: [_cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
-        256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+        64: [_cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
+        128: [_cfg(128, 64, 8, 2)],
+        256: [_cfg(32, 64, 8, 2)],
     },
     # Consumer Ampere/Ada/Blackwell (RTX 3090/4090/5090, A10, L4, L40: 99 KB per block).
     "sm86": {
-        64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 4, 2), _cfg(64, 64, 4, 3)],
-        128: [_cfg(128, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2)],
-        256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
+        64: [_cfg(64, 64, 4, 3)],
+        128: [_cfg(128, 64, 8, 2)],
+        256: [],
     },
 }
 
@@ -154,14 +161,18 @@ def family(capability: tuple[int, int]) -> str:
 
 
 def autotune_configs(fam: str, head_dim: int) -> list[triton.Config]:
-    """The candidates autotuned for one GPU family and head dim (head dims ≤ 64 share a list)."""
-    return _CONFIGS[fam][max(64, head_dim)] + [_FALLBACK]
+    """The candidates autotuned for one GPU family and head dim (head dims ≤ 64 share a list);
+    empty when no tile compiles without register spills there."""
+    bucket = max(64, head_dim)
+    return _CONFIGS[fam][bucket] + ([_FALLBACK] if bucket <= 128 else [])
 
 
 @functools.cache
 def _tuned_kernel(fam: str, head_dim: int):
     # L in the key: the best tile differs between 1.5k and 17k tokens; one tuning per resolution.
-    return triton.autotune(configs=autotune_configs(fam, head_dim), key=["HEAD_DIM", "L"])(_flash_attention_kernel)
+    return triton.autotune(configs=autotune_configs(fam, head_dim), key=["HEAD_DIM", "L"])(
+        _flash_attention_kernel
+    )
 
 
 def _arch(device: torch.device) -> str:
@@ -180,6 +191,13 @@ def _shape_reason(q: Tensor) -> str | None:
 def attention_unsupported_reason(q: Tensor) -> str | None:
     """None if flash_attention can run on tensors like q [B, H, L, D], else why not (a sentence)."""
     reason = device_unsupported_reason(q) or _shape_reason(q)
+    if reason is None and q.is_cuda and not INTERPRET:
+        cap = torch.cuda.get_device_capability(q.device)
+        if not autotune_configs(family(cap), q.shape[-1]):
+            reason = (
+                f"no tile for head dim {q.shape[-1]} compiles without register spills on compute "
+                f"capability {cap[0]}.{cap[1]}"
+            )
     if reason is None and q.requires_grad and torch.is_grad_enabled():
         # No backward kernel: training falls back to another backend under "auto".
         reason = "the Triton attention kernel is forward-only and q requires grad"

@@ -8,8 +8,14 @@ positions (fluxcore.toydata). Its tokenizers have never seen the word "ring". Th
    split as regularisation images, each PNG with a same-named .txt caption;
 2. measures the base model on the held-out ring prompts and on the standard held-out prompts of
    tests/test_tiny_model.py (colour / position / shape read off by pixel statistics);
-3. trains a LoRA with `fluxcore.finetune.LoraTrainer` (caching, buckets, checkpoints, samples);
-4. loads the saved file with `fluxcore.lora.load_lora` and measures both prompt sets again.
+3. trains a LoRA on the transformer (every Linear of the blocks) and on CLIP's attention with
+   `fluxcore.finetune.LoraTrainer` (caching, buckets, checkpoints, samples);
+4. loads the saved PEFT file with `fluxcore.lora.load_lora_components` and measures both prompt
+   sets again.
+
+The word "ring" is new to both tokenizers (T5 splits it into "▁ri", "n", "g"); the CLIP LoRA lets
+the pooled text vector, which drives every block's modulation, tell it from "circle" (without it,
+78% rings instead of 88%, measured).
 
 A ring is recognised by its hole: the middle cell (a quarter of the side) of the foreground's
 bounding box is less than half filled; a disc, square or triangle fills it.
@@ -187,23 +193,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "finetune-demo")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few images; no evaluation")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--rings", type=int, default=64)
-    ap.add_argument("--regular", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--rings", type=int, default=128)
+    ap.add_argument("--regular", type=int, default=192)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--text-encoder", action=argparse.BooleanOptionalAction, default=True, help="train a CLIP LoRA too"
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--base-from", type=Path, help="reuse the base model's numbers from an earlier results.json")
+    ap.add_argument(
+        "--base-from", type=Path, help="reuse the base model's numbers from an earlier results.json"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from fluxcore import FluxPipeline
     from fluxcore.finetune import FinetuneConfig, LoraTrainer
-    from fluxcore.lora import load_lora, unload_lora
+    from fluxcore.lora import load_lora_components, unload_lora
 
     if args.smoke:
         args.steps, args.rings, args.regular = 4, 4, 4
     data = args.out / "data"
     make_dataset(data, args.rings, args.regular)
     pipe = FluxPipeline.from_pretrained(MODEL)
-    results: dict = {"steps": args.steps, "rings": args.rings, "regular": args.regular}
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
     if args.base_from:  # the evaluation is deterministic (fixed seeds): same model, same numbers
         results["base"] = json.loads(args.base_from.read_text())["base"]
@@ -212,12 +225,13 @@ def main(argv=None) -> int:
         print("base model:", json.dumps(results["base"]), flush=True)
     config = FinetuneConfig(
         model=str(MODEL), data_dir=str(data), output_dir=str(args.out / "lora"), name="ring",
-        resolution=RES, bucket_step=16, rank=16, alpha=16.0, targets="all", steps=args.steps,
-        batch_size=8, lr=2e-3, warmup=20, scheduler="cosine", min_lr_ratio=0.1, timesteps="sigmoid",
+        resolution=RES, bucket_step=16, rank=args.rank, alpha=float(args.rank), targets="all", steps=args.steps,
+        batch_size=8, lr=args.lr, warmup=20, scheduler="cosine", min_lr_ratio=0.1, timesteps="sigmoid",
         guidance=1.0, checkpoint_every=max(2, args.steps // 3), formats=["peft", "kohya"],
         sample_every=0, sample_prompts=[ring_caption("red", "center", "blue"),
                                         ring_caption("white", "top left", "black")],
         sample_steps=8 if args.smoke else 28, sample_seeds=[0, 1], log_every=max(1, args.steps // 20),
+        train_text_encoder=args.text_encoder,
     )  # fmt: skip
     trainer = LoraTrainer(config, pipe=pipe)
     t1 = time.perf_counter()
@@ -228,11 +242,14 @@ def main(argv=None) -> int:
         round(sum(losses[-20:]) / len(losses[-20:]), 4),
     ]
     lora_file = args.out / "lora" / "ring.safetensors"
-    load_lora(pipe.transformer, lora_file, adapter_name="ring")
+    parts = {"transformer": pipe.transformer, "clip": pipe.clip if args.text_encoder else None}
+    load_lora_components(parts, lora_file, adapter_name="ring")
     if not args.smoke:
         results["tuned"] = evaluate(pipe)
         print("with the LoRA:", json.dumps(results["tuned"]), flush=True)
-    unload_lora(pipe.transformer)
+    for model in parts.values():
+        if model is not None:
+            unload_lora(model)
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -19,8 +19,16 @@ from fluxcore import PRESETS, Flux
 from fluxcore.errors import ConfigError, FluxcoreError
 
 STEPS = 28
-NEVER_SKIP = {"first_block": {"threshold": 0.0}, "teacache": {"threshold": 0.0}, "taylorseer": {"interval": 1}}
-ALWAYS_SKIP = {"first_block": {"threshold": 100.0}, "teacache": {"threshold": 100.0}, "taylorseer": {"interval": 100}}
+NEVER_SKIP = {
+    "first_block": {"threshold": 0.0},
+    "teacache": {"threshold": 0.0},
+    "taylorseer": {"interval": 1},
+}
+ALWAYS_SKIP = {
+    "first_block": {"threshold": 100.0},
+    "teacache": {"threshold": 100.0},
+    "taylorseer": {"interval": 100},
+}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from fluxcore import cli
@@ -81,6 +82,28 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
     [
         ([], "required"),
         (["generate"], "required: prompt"),
+        (["generate", "x", "--prompts", "p.txt"], "give a PROMPT or --prompts FILE, not both"),
+        (["generate", "--prompts", "/no/such.txt"], "--prompts /no/such.txt: no such file"),
+        (["generate", "x", "--out-dir", "o"], "--out-dir goes with --prompts"),
+        (
+            ["generate", "x", "--lora", "/no/such.safetensors:0.5"],
+            "--lora /no/such.safetensors: no such file",
+        ),
+        (["generate", "x", "--controlnet", "."], "--controlnet needs --control-image"),
+        (["generate", "x", "--canny"], "--control-mode/--canny need --control-image"),
+        (
+            ["generate", "x", "--control-image", "a.png", "--control-start", "0.8", "--control-end", "0.5"],
+            "--control-start < --control-end",
+        ),
+        (
+            ["generate", "x", "--ip-image", "a.png"],
+            "--ip-adapter, --ip-image and --image-encoder go together",
+        ),
+        (["generate", "x", "--redux-image", "a.png"], "--redux-image and --redux-model"),
+        (["generate", "x", "--max-memory", "lots"], "--max-memory: cannot read a memory size"),
+        (["generate", "x", "--max-memory", "12GB", "--offload"], "drop --offload"),
+        (["generate", "x", "--ulysses", "2"], "need several processes"),
+        (["generate", "x", "--ring", "0"], "must be positive"),
         (["generate", "x", "--sampler", "nope"], "invalid choice: 'nope'"),
         (["generate", "x", "--steps", "0"], "must be positive"),
         (["generate", "x", "--steps", "two"], "expected a int"),
@@ -103,7 +126,9 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
         (["generate", "x", "--out", "/dev/null/x.png"], "cannot be created"),
     ],
 )
-def test_misuse_exits_2_with_one_line(argv, match, capsys, tmp_path):
+def test_misuse_exits_2_with_one_line(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a cat\n")
     (tmp_path / "DIR.png").mkdir()
     argv = [str(tmp_path / a) if a == "DIR.png" else a for a in argv]
     assert cli.main(argv) == 2
@@ -115,13 +140,13 @@ def test_bad_values_from_the_library_exit_2(model, capsys, tmp_path):
     assert cli.main(["generate", "x", "--model", str(model), "--width", "100000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fluxcore: error: width must be in") and len(err.splitlines()) == 1
-    # known only once the model is loaded: a mask for a text-to-image model
+    # known only once the model is loaded: a control image for a text-to-image model without ControlNets
     (tmp_path / "m.png").write_bytes(_png(32, 32))
-    args = ["generate", "x", "--model", str(model), "--image", str(tmp_path / "m.png"), "--mask", str(tmp_path / "m.png"),
+    args = ["generate", "x", "--model", str(model), "--control-image", str(tmp_path / "m.png"),
             "--out", str(tmp_path / "o.png"), "--width", "32", "--height", "32"]  # fmt: skip
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "mask_image is for Fill models" in err and len(err.splitlines()) == 1
+    assert "control_image is for Canny/Depth" in err and len(err.splitlines()) == 1
 
 
 def _png(w, h, seed=0):
@@ -183,6 +208,65 @@ def test_info(model, capsys):
     assert cli.main(["info", str(model)]) == 0
     out = capsys.readouterr().out
     assert "flux-transformer" in out and "tiny-dev" in out
+
+
+def _lora_file(path):
+    """A diffusers/PEFT-layout LoRA on the tiny transformer's first double block."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    pre = "transformer.transformer_blocks.0.attn."
+    sd = {}
+    for t in ("to_q", "to_v"):
+        sd[f"{pre}{t}.lora_A.weight"] = torch.randn(4, 64, generator=g)
+        sd[f"{pre}{t}.lora_B.weight"] = torch.randn(64, 4, generator=g)
+    save_file(sd, str(path))
+    return path
+
+
+def test_lora_is_applied_and_recorded(model, tmp_path, capsys):
+    lora = _lora_file(tmp_path / "style.safetensors")
+    common = ["generate", "a cat", "--model", str(model), "--steps", "2", "--seed", "1", "--width", "32",
+              "--height", "32", "--max-sequence-length", "16"]  # fmt: skip
+    assert cli.main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "lora.png"), "--lora", f"{lora}:0.7"]) == 0
+    img = Image.open(tmp_path / "lora.png")
+    assert img.text["lora"] == f"{lora}:0.7" and f"Lora: {lora}:0.7" in img.text["parameters"]
+    assert json.loads(img.text["fluxcore"])["lora"] == f"{lora}:0.7"
+    assert img.tobytes() != Image.open(tmp_path / "plain.png").tobytes()
+    capsys.readouterr()
+    assert cli.main(["info", str(lora)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA" in out and "diffusers/peft: 4 tensors, rank 4, for transformer" in out
+
+
+def test_max_memory_prints_the_plan(model, tmp_path, capsys):
+    args = ["generate", "a cat", "--model", str(model), "--steps", "1", "--seed", "1", "--width", "32",
+            "--height", "32", "--max-sequence-length", "16", "--out", str(tmp_path / "m.png")]  # fmt: skip
+    assert cli.main([*args, "--max-memory", "40GB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for --max-memory 40GB" in out and "bf16, offload=none" in out and "peak" in out
+    assert cli.main([*args, "--max-memory", "1GB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nothing fits max_memory" in err and len(err.splitlines()) == 1
+
+
+def test_prompts_file_writes_every_item_and_a_manifest(model, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "a cat", "name": "cat"}\n{"prompt": "a dog", "seed": 5}\n{"prompt": "a red house"}\n'
+    )
+    args = ["generate", "--prompts", str(prompts), "--out-dir", str(tmp_path / "out"), "--model", str(model),
+            "--steps", "1", "--width", "32", "--height", "32", "--max-sequence-length", "16"]  # fmt: skip
+    assert cli.main(args) == 0
+    assert "3 generated here, 0 already there" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert names == ["000001.png", "000002.png", "cat.png"]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == ["a cat", "a dog", "a red house"] and lines[1]["seed"] == 5
+    assert Image.open(tmp_path / "out" / "cat.png").size == (32, 32)
+    assert cli.main(args) == 0  # a rerun skips what is there
+    assert "0 generated here, 3 already there" in capsys.readouterr().out
 
 
 def test_console_script_has_no_traceback():

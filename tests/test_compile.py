@@ -66,7 +66,12 @@ def test_one_graph_per_block_class_and_no_recompiles(model):
         assert fluxcore.compile_blocks(model, backend=backend) == []  # already compiled
         torch.testing.assert_close(model(*a), ref, rtol=1e-5, atol=1e-5)
         assert backend.graphs == 2  # DoubleStreamBlock and SingleStreamBlock, shared by every instance
-        for h, w, txt_len in [(4, 6, 9), (8, 8, 7), (3, 5, 20), (6, 2, 2)]:  # sizes, prompt lengths (≥ 2: dynamo specialises 0 and 1)
+        for h, w, txt_len in [
+            (4, 6, 9),
+            (8, 8, 7),
+            (3, 5, 20),
+            (6, 2, 2),
+        ]:  # sizes, prompt lengths (≥ 2: dynamo specialises 0 and 1)
             eager_free = inputs(model, 1, h, w, txt_len)
             model(*eager_free)
         for t in (1.0, 0.7, 0.2):  # steps
@@ -93,7 +98,11 @@ def test_compile_after_cache_and_swapped_blocks(model):
         assert len(compiled) == 4
         fresh = Flux(PRESETS["tiny-dev"]).eval().single_blocks[0]
         model.single_blocks[0] = fresh  # swapped in after compiling: runs eagerly
-        assert fluxcore.compile.compiled_blocks(model) == ["double_blocks.0", "double_blocks.1", "single_blocks.1"]
+        assert fluxcore.compile.compiled_blocks(model) == [
+            "double_blocks.0",
+            "double_blocks.1",
+            "single_blocks.1",
+        ]
         with torch.no_grad():
             for t in (1.0, 0.8, 0.6, 0.4):
                 model(*inputs(model, 1, 4, 4, 7, t))

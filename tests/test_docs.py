@@ -9,7 +9,10 @@ from fluxcore.attention import _REGISTRY
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # Pages whose examples need no weights on disk (pipeline.md and weights.md point at real model folders).
-RUNNABLE = ["swapping.md", "transforms.md", "text_and_autoencoder.md", "kernels.md", "samplers.md"]
+RUNNABLE = [
+    "swapping.md", "transforms.md", "text_and_autoencoder.md", "kernels.md", "samplers.md", "lora.md", "control.md",
+    "memory.md",
+]  # fmt: skip
 
 
 def python_blocks(path: Path) -> list[str]:

@@ -262,7 +262,12 @@ def test_command_writes_both_formats_and_samples(tmp_path, pipe):
         'bucket_step = 16\nrank = 2\nalpha = 2\nformats = ["peft", "kohya"]\ntrain_text_encoder = true\n'
         'sample_prompts = ["a red ring"]\nsample_steps = 2\ngradient_checkpointing = true\n'
     )
-    assert train_lora_main([str(toml), "--quiet", "--lr", "1e-3", "--timesteps", "flux_shift", "--mixed-precision", "bf16"]) == 0
+    assert (
+        train_lora_main(
+            [str(toml), "--quiet", "--lr", "1e-3", "--timesteps", "flux_shift", "--mixed-precision", "bf16"]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     assert (out / "samples" / "step-000002_0.png").is_file()
     peft, meta, _ = L.read_lora(out / "lora.safetensors")
@@ -273,6 +278,19 @@ def test_command_writes_both_formats_and_samples(tmp_path, pipe):
     assert L.load_lora(t, out / "lora_kohya.safetensors").format == "kohya"
     clip = copy.deepcopy(pipe.clip)
     assert L.load_lora(clip, out / "lora.safetensors").targets
+    L.load_lora(t := copy.deepcopy(pipe.transformer), out / "lora.safetensors")
+
+    # diffusers' pipeline reads the PEFT file (transformer + CLIP) and computes what fluxcore does
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.FluxPipeline.from_pretrained(TINY)
+    ref.load_lora_weights(str(out), weight_name="lora.safetensors")
+    ids = pipe.clip_tokenizer(["a red ring in the center"])
+    with torch.no_grad():
+        ours, theirs = clip(ids).pooler_output, ref.text_encoder(ids).pooler_output
+        assert (ours - pipe.clip(ids).pooler_output).abs().max() > 0  # the adapter does something
+    assert max_err(ours, theirs) <= 1e-5
+    x = make_inputs(t.config, grid=(4, 4))
+    assert max_err(run_ours(t, x), run_ref(ref.transformer, x)) <= 1e-5
     assert train_lora_main(["--model", str(TINY), "--data-dir", str(tmp_path / "nothing")]) == 2
 
 

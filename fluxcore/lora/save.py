@@ -99,6 +99,10 @@ def lora_state_dict(
                 sd[f"{prefix}.{name}.lora_A.weight"] = A.to(dtype).contiguous()
                 sd[f"{prefix}.{name}.lora_B.weight"] = B.to(dtype).contiguous()
             configs[prefix] = _lora_config(named)
+            if comp == "clip":  # PEFT matches name suffixes: this form fits transformers 4 and 5 CLIP
+                configs[prefix]["target_modules"] = sorted(
+                    n.removeprefix("text_model.") for n in configs[prefix]["target_modules"]
+                )
     if not sd:
         raise LoraError(f"no adapter named {adapter_name!r} on the given models")
     if format == "kohya":

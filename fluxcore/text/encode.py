@@ -11,7 +11,8 @@ from torch import Tensor
 
 from fluxcore.text.clip import CLIPTextEncoder
 from fluxcore.text.t5 import T5Encoder
-from fluxcore.text.tokenizers import CLIPTokenizer, T5Tokenizer, _as_list
+from fluxcore.text.tokenizer_common import as_list
+from fluxcore.text.tokenizers import CLIPTokenizer, T5Tokenizer
 
 
 @torch.no_grad()
@@ -39,7 +40,7 @@ def encode_prompt(
       txt_ids [N, max_length, 3]        float32 zeros (text tokens sit at position (0, 0, 0))
       vec     [N, clip hidden]          CLIP pooled output at the end-of-text token, in CLIP's dtype
     """
-    prompts = _as_list(prompts)
+    prompts = as_list(prompts)
     if not prompts:
         raise ValueError("encode_prompt needs at least one prompt; got an empty list")
     if num_images_per_prompt < 1:

@@ -4,6 +4,7 @@ data, so it takes milliseconds even for a 24 GB file). Backs `fluxcore info PATH
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ class WeightsInfo:
     nbytes: int = 0
     files: list[str] = field(default_factory=list)
     other_tensors: int = 0
+    lora: str = ""  # for LoRA files: format, rank, components, kinds
 
     @property
     def dtype(self) -> str:
@@ -55,6 +57,8 @@ class WeightsInfo:
 
     def __str__(self) -> str:
         rows = [("path", self.path), ("kind", self.kind)]
+        if self.lora:
+            rows.append(("lora", self.lora))
         if self.layout:
             prefix = f" (keys under {self.prefix!r})" if self.prefix else ""
             rows.append(("layout", self.layout + prefix))
@@ -124,14 +128,34 @@ def info(path) -> WeightsInfo:
         )
 
 
+def _lora(path: Path, keys: list[str]) -> str:
+    """A LoRA file's description ("" for anything else; only files whose keys look like adapters are read)."""
+    if not path.is_file() or not any(re.search(r"lora|lokr_|hada_|\.diff$|\.alpha$", k) for k in keys):
+        return ""
+    from fluxcore.errors import FluxcoreError
+    from fluxcore.lora import describe_lora
+
+    try:
+        d = describe_lora(path)
+    except FluxcoreError:
+        return ""
+    control = "; control LoRA (img_in widened to 128 inputs)" if d["control"] else ""
+    return (
+        f"{d['format']}: {d['tensors']} tensors, rank {', '.join(map(str, d['ranks'])) or '-'}, for "
+        f"{', '.join(d['components'])}; kinds {', '.join(d['kinds'])}{control}"
+    )
+
+
 def _generic(path: Path) -> WeightsInfo:
     with open_checkpoint(path) as ck:
         dtypes: dict[str, int] = defaultdict(int)
         for k in ck.keys():
             dtypes[_dtype_name(ck.dtype(k))] += math.prod(ck.shape(k))
+        lora = _lora(path, list(ck.keys()))
         return WeightsInfo(
             path=str(path),
-            kind=what_is(ck.keys()),
+            kind="LoRA" if lora else what_is(ck.keys()),
+            lora=lora,
             dtypes=dict(dtypes),
             num_params=sum(dtypes.values()),
             num_tensors=len(ck),
