@@ -125,6 +125,13 @@ def _current_context() -> str | None:
     return _context_choice.get()
 
 
+def selected_backend() -> str:
+    """The backend name the settings select right now — context > global > environment > "auto" —
+    before "auto" is resolved for any tensor. Wrapping backends (context parallel) call it to find
+    the backend they wrap."""
+    return _requested(None)
+
+
 def _requested(backend: str | None) -> str:
     name = backend or _current_context() or _global_choice
     if name is None:

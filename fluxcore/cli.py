@@ -183,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ring", type=_positive(int), default=1, help="ring-attention degree (under torchrun)")
     g.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
+    g.add_argument(
+        "--cache",
+        type=_cache_spec,
+        default=None,
+        metavar="KIND[:VALUE]",
+        help="step cache: first_block[:threshold], teacache[:threshold] or taylorseer[:interval] "
+        "(default off; docs/speed.md)",
+    )
+    sub.add_parser(
+        "train-lora",
+        help="train a LoRA on a folder of captioned images (fluxcore train-lora -h)",
+        add_help=False,
+    )
+    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/gpu_suite.sh; source checkouts)")
+    b.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, end to end")
     i = sub.add_parser("info", help="describe a checkpoint file or folder (headers only)")
     i.add_argument("path")
     i.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -505,9 +520,13 @@ def _run(args, model, device, dtype, width, height, seeds, paths, images_in, lor
         strength=args.strength,
         kontext_auto_resize=args.kontext_resize,
         output_type="latent",
+        cache=args.cache,
         **{k: v for k, v in images_in.items() if v is not None},
         **extras,
     )
+    if args.cache and main_rank:
+        c = result.info["cache"]
+        _progress(f"cache {c['kind']}: {c['full']} full transformer evaluations, {c['skipped']} skipped")
     if not main_rank:  # every rank sampled the same images; rank 0 decodes and writes them
         return 0
     t2 = _progress(f"sampled in {time.perf_counter() - t1:.1f} s; decoding ...")
@@ -539,6 +558,7 @@ def _run(args, model, device, dtype, width, height, seeds, paths, images_in, lor
             "ip_adapter": f"{args.ip_adapter}:{args.ip_scale:g}" if args.ip_adapter else "",
             "ip_image": args.ip_image or "",
             "redux_image": args.redux_image or "",
+            "cache": args.cache or "",
             "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
             "device": str(device),
             "fluxcore_version": fluxcore.__version__,
@@ -563,6 +583,28 @@ def _info(args) -> int:
     return 0
 
 
+def _cache_spec(text: str) -> str:
+    import fluxcore.cache
+    from fluxcore.errors import ConfigError
+
+    try:
+        fluxcore.cache.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _bench(args) -> int:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    if not script.is_file():
+        raise _UsageError(
+            f"fluxcore: {script} not found: the benchmarks ship with the source checkout, not the wheel"
+        )
+    return subprocess.call(["bash", str(script), *(["--smoke"] if args.smoke else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
     from fluxcore.errors import ConfigError, FluxcoreError, WeightsError
     from fluxcore.memory import MemoryPlanError
@@ -573,16 +615,23 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    if argv[:1] == ["train-lora"]:  # its own parser (every config field is a flag)
+        from fluxcore.finetune import train_lora_main
+
+        return train_lora_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.version:
             print(_version())
             return 0
         if args.command is None:
-            raise _UsageError("fluxcore: the following arguments are required: command (generate or info)")
+            raise _UsageError(
+                "fluxcore: the following arguments are required: command (generate, info, train-lora or bench)"
+            )
         with warnings.catch_warnings():
             warnings.showwarning = one_line_warning
-            return _generate(args) if args.command == "generate" else _info(args)
+            commands = {"generate": _generate, "info": _info, "bench": _bench}
+            return commands[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -179,8 +179,12 @@ class DoubleStreamBlock(nn.Module):
         n_txt = txt.shape[1]
 
         # RoPE is per token, so each stream rotates with its own slice of pe ([txt, img] order).
-        img_q, img_k, img_v = self.img_attn.qkv_heads(self.img_norm1(img, img_shift1, img_scale1), pe[:, :, n_txt:])
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(self.txt_norm1(txt, txt_shift1, txt_scale1), pe[:, :, :n_txt])
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            self.img_norm1(img, img_shift1, img_scale1), pe[:, :, n_txt:]
+        )
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            self.txt_norm1(txt, txt_shift1, txt_scale1), pe[:, :, :n_txt]
+        )
         attn = attention(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),

@@ -51,7 +51,9 @@ class Flux(nn.Module):
         )
         self.txt_in = nn.Linear(config.context_in_dim, config.hidden_size)
         self.double_blocks = nn.ModuleList(self.double_block(config) for _ in range(config.depth))
-        self.single_blocks = nn.ModuleList(self.single_block(config) for _ in range(config.depth_single_blocks))
+        self.single_blocks = nn.ModuleList(
+            self.single_block(config) for _ in range(config.depth_single_blocks)
+        )
         self.final_layer = LastLayer(config)
 
     def forward(

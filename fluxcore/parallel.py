@@ -39,7 +39,6 @@ import contextvars
 import importlib
 import inspect
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -297,7 +296,7 @@ def _take_shard(x: Tensor, per_shard: int, shard: int) -> Tensor:
 
 def _outer_backend() -> str:
     """The backend `attention` would use without this transform ("auto" or a name)."""
-    name = _attn._current_context() or _attn._global_choice or os.environ.get(_attn.ENV_VAR) or _attn.AUTO
+    name = _attn.selected_backend()
     return _attn.AUTO if name == BACKEND else name
 
 

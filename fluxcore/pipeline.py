@@ -21,6 +21,7 @@ the memory plan and context parallelism in `fluxcore.pipeline_devices`; argument
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,23 @@ from fluxcore.pipeline_inputs import (
 )
 from fluxcore.sampling import get_sampler, nan_guard
 from fluxcore.schedules import ScheduleConfig, make_schedule
+
+
+@contextlib.contextmanager
+def step_cache(transformer: nn.Module, spec):
+    """The `cache=` of a call: `fluxcore.cache.apply` for the call's duration (yields its handle,
+    or None when spec is None)."""
+    if spec is None:
+        yield None
+        return
+    import fluxcore.cache
+
+    kind, options = fluxcore.cache.parse(spec)
+    handle = fluxcore.cache.apply(transformer, kind, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -278,7 +296,7 @@ class FluxPipeline:
         control_guidance_end=1.0, ip_adapter_image=None, negative_ip_adapter_image=None,
         image_embeds: Tensor | None = None, redux_image=None,
         sampler: str | Callable = "euler", scheduler: str | None = None, sampler_options: dict | None = None,
-        callback: Callable[[dict], None] | None = None, progress: bool = True,
+        callback: Callable[[dict], None] | None = None, progress: bool = True, cache=None,
     ) -> FluxPipelineOutput | tuple:  # fmt: skip
         """Generate images; the keywords are those of diffusers' Flux pipelines, with their meanings
         (docs/pipeline.md has the table). Beyond diffusers:
@@ -299,9 +317,16 @@ class FluxPipeline:
         callback_on_step_end(pipe, i, t, kwargs) -> dict: t = 1000·σ_i; returned "latents" /
           "prompt_embeds" replace the pipeline's. callback: k-diffusion's per-step dict instead.
         output_type: "pil", "np" ([N, H, W, 3] in [0, 1]), "pt" ([N, 3, H, W] in [0, 1]) or "latent".
+        cache: a step cache for this call, off by default: "first_block:0.08", "teacache:0.4",
+          "taylorseer:3", a (kind, options) pair or {"kind": ..., **options} (`fluxcore.cache`);
+          removed after the call, and info["cache"] says how many trunk evaluations ran / were skipped.
         """
         args = dict(locals())
         r = validate(self, args)
+        if cache is not None:  # a bad spec fails here, before any model runs
+            import fluxcore.cache
+
+            fluxcore.cache.parse(cache)
         devices.check_memory(self, r.height, r.width, r.n, self.cap_max_sequence_length(max_sequence_length))
         with lora_scale(adapters.lora_models(self).values(), joint_attention_kwargs):
             text, negative = self.encode_text(
@@ -333,12 +358,15 @@ class FluxPipeline:
             if callback_on_step_end is not None:
                 names = callback_on_step_end_tensor_inputs
                 step_end = step_end_hook(self, callback_on_step_end, names, timesteps, extra)
-            x = self.denoise(
-                x, timesteps, extra, sampler=r.sample, negative=negative, true_cfg_scale=true_cfg_scale,
-                callback=callback, progress=progress, generator=noise_generators(generator, seeds),
-                sampler_options=sampler_options, step_end=step_end, controls=controls,
-            )  # fmt: skip
+            with step_cache(self.transformer, cache) as cached:
+                x = self.denoise(
+                    x, timesteps, extra, sampler=r.sample, negative=negative, true_cfg_scale=true_cfg_scale,
+                    callback=callback, progress=progress, generator=noise_generators(generator, seeds),
+                    sampler_options=sampler_options, step_end=step_end, controls=controls,
+                )  # fmt: skip
         info = {"height": r.height, "width": r.width, "num_inference_steps": r.steps, "timesteps": timesteps}
+        if cached is not None:
+            info["cache"] = {"kind": cached.kind, "full": cached.stats.full, "skipped": cached.stats.skipped}
         images = x if output_type == "latent" else self.decode(x, r.height, r.width, output_type)
         out = FluxPipelineOutput(images=images, seeds=seeds, info=info)
         return out if return_dict else out.to_tuple()

@@ -124,6 +124,7 @@ def test_generate_writes_png_with_settings(model, tmp_path, capsys):
         (["generate", "x", "--max-sequence-length", "4000"], "must be <= 512"),
         (["generate", "x", "--out", "DIR.png"], "is a folder"),
         (["generate", "x", "--out", "/dev/null/x.png"], "cannot be created"),
+        (["generate", "x", "--cache", "warp:0.1"], "--cache"),
     ],
 )
 def test_misuse_exits_2_with_one_line(argv, match, capsys, tmp_path, monkeypatch):
@@ -338,3 +339,19 @@ def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
     assert [q.name for q in tmp_path.iterdir() if q.name != "keep.png"][0].startswith(
         ".keep.png."
     )  # only a temp file
+
+
+def test_cache_flag_reports_and_records_the_cache(model, tmp_path, capsys):
+    out = tmp_path / "c.png"
+    argv = ["generate", "a cat", "--model", str(model), "--steps", "6", "--seed", "1", "--width", "32"]
+    argv += ["--height", "32", "--max-sequence-length", "16", "--cache", "taylorseer:3", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "cache taylorseer:" in printed and "skipped" in printed
+    assert Image.open(out).text["cache"] == "taylorseer:3"
+
+
+def test_train_lora_is_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train-lora", "--help"])
+    assert e.value.code == 0 and "train-lora" in capsys.readouterr().out

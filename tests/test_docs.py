@@ -11,7 +11,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 # Pages whose examples need no weights on disk (pipeline.md and weights.md point at real model folders).
 RUNNABLE = [
     "swapping.md", "transforms.md", "text_and_autoencoder.md", "kernels.md", "samplers.md", "lora.md", "control.md",
-    "memory.md",
+    "memory.md", "speed.md",
 ]  # fmt: skip
 
 

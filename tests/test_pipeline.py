@@ -439,3 +439,18 @@ def test_out_of_range_image_and_mask_tensors_are_refused():
         to_rgb_tensor(torch.full((3, 32, 32), 128.0), 32, 32, "image")
     assert to_mask_tensor(torch.ones(32, 32), 32, 32).shape == (1, 1, 32, 32)
     assert to_rgb_tensor(torch.zeros(3, 32, 32), 32, 32, "image").shape == (1, 3, 32, 32)
+
+
+def test_cache_keyword_reports_saved_evaluations_and_leaves_no_trace(pipes):
+    pipe = pipes["dev"]
+    kw = dict(height=32, width=32, generator=3, num_inference_steps=8, output_type="np", **KW)
+    plain = pipe("a cat", **kw)
+    never = pipe("a cat", cache="first_block:0", **kw)  # threshold 0 never skips: bit-identical
+    assert np.array_equal(never.images, plain.images) and never.info["cache"]["skipped"] == 0
+    cached = pipe("a cat", cache="taylorseer:2", **kw)
+    assert cached.info["cache"]["skipped"] > 0 and cached.info["cache"]["full"] < 8
+    assert "cache" not in plain.info
+    assert type(pipe.transformer.double_blocks) is torch.nn.ModuleList  # removed after the call
+    assert np.array_equal(pipe("a cat", **kw).images, plain.images)
+    with pytest.raises(ConfigError):
+        pipe("a cat", cache="warp", **kw)

@@ -121,3 +121,10 @@ def test_t5_scaled_fp8(tmp_path):
         assert (model(ids) - dense(ids)).abs().max() <= 1e-6
     assert isinstance(model.encoder.block[0].layer[1].DenseReluDense.wi_0, ScaledLinear)
     assert isinstance(model.encoder.block[0].layer[0].SelfAttention.q, ScaledLinear)
+    # load_t5 takes the same file as it is and keeps it quantized, `wo` included
+    from fluxcore.weights.encoders import load_t5
+
+    via_load_t5 = load_t5(tmp_path / "t5.safetensors", dtype=torch.float32)
+    assert isinstance(via_load_t5.encoder.block[0].layer[1].DenseReluDense.wo, ScaledLinear)
+    with torch.no_grad():
+        assert torch.equal(via_load_t5(ids), model(ids))

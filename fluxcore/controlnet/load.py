@@ -21,6 +21,8 @@ _CONTROL_PREFIXES = (
     "controlnet_x_embedder.",
     "controlnet_mode_embedder.",
 )
+
+
 def _diffusers_config(
     hf: dict, shapes: dict[str, tuple[int, ...]], source: str, axes_dim
 ) -> tuple[FluxConfig, dict]:

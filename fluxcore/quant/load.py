@@ -373,10 +373,10 @@ def load_quantized_t5(source, *, device=None, dtype: torch.dtype = torch.bfloat1
         e = safetensors_entries(source, rename=hf, mark="shared.weight")
         if "shared.weight" not in e.dense and "shared.weight" not in {k + ".weight" for k in e.quant}:
             raise KeyMismatchError(f"{e.source}: no T5 token embedding (shared.weight)")
-    # An embedding is looked up, not multiplied: decode it to a dense table. The feed-forward `wo`
-    # stays dense too: T5's block casts wo's input to `wo.weight.dtype` (its fp16 rule), which
-    # for a packed weight is not a compute dtype.
-    for path in [p for p in e.quant if p == "shared" or p.endswith("DenseReluDense.wo")]:
+    # An embedding is looked up, not multiplied: decode it to a dense table. With float16 compute
+    # the feed-forward `wo` is decoded too and kept float32, T5's rule (its inputs overflow fp16).
+    dense_wo = dtype == torch.float16
+    for path in [p for p in e.quant if p == "shared" or (dense_wo and p.endswith("DenseReluDense.wo"))]:
         shape, make = e.quant.pop(path)
         e.dense[path + ".weight"] = (
             shape,

@@ -273,7 +273,11 @@ def _quantized_layout(source: Path):
     told by its magic bytes, the safetensors formats by their keys (headers only)."""
     if source.is_file() and LAYOUTS["gguf"].sniff(source):
         return LAYOUTS["gguf"], source
-    if source.is_dir() and len(ggufs := sorted(source.glob("*.gguf"))) == 1 and not list(source.glob("*.safetensors")):
+    if (
+        source.is_dir()
+        and len(ggufs := sorted(source.glob("*.gguf"))) == 1
+        and not list(source.glob("*.safetensors"))
+    ):
         return LAYOUTS["gguf"], ggufs[0]
     try:
         file, _ = resolve(source)

@@ -93,11 +93,17 @@ def load_t5(
 
     dtype: float32 / bfloat16 as asked (default bf16 on CUDA, fp32 otherwise). float16 follows
     transformers: the `wo` projections stay float32 (fp16 overflows there); see T5Encoder.
-    Returns an eval-mode, frozen T5Encoder on `device` (default CPU).
+    A T5 GGUF file (llama.cpp names) or a (scaled) fp8 file loads with its weights kept quantized;
+    `dtype` is then the compute dtype. Returns an eval-mode, frozen T5Encoder on `device` (default CPU).
     """
     path = component_path(source, "text_encoder_2", "load_t5")
     folder = path if path.is_dir() else path.parent
     dtype = default_dtype(device) if dtype is None else dtype
+    if path.is_file():  # a T5 .gguf or fp8 file stays quantized (fluxcore.quant, dequantized per layer)
+        from fluxcore.quant import detect_format, load_quantized_t5
+
+        if detect_format(path) is not None:
+            return load_quantized_t5(path, device=device, dtype=dtype)
     with open_checkpoint(path) as ckpt:
         shaped = infer_t5_config(ckpt)
         if config is None:
