@@ -8,6 +8,7 @@ diffusers' field names); `lora_scale` applies `joint_attention_kwargs={"scale": 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -117,11 +118,18 @@ def lora_scale(models, joint_attention_kwargs: dict | None):
 
 def _prompt_list(value, name: str) -> list[str]:
     if isinstance(value, str):
-        return [value]
-    if value is None or isinstance(value, bytes) or not isinstance(value, Sequence) or not len(value):
+        value = [value]
+    elif value is None or isinstance(value, bytes) or not isinstance(value, Sequence) or not len(value):
         raise ConfigError(f"{name} must be a string or a non-empty list of strings; got {value!r}")
     if not all(isinstance(p, str) for p in value):
         raise ConfigError(f"every {name} must be a string; got types {[type(p).__name__ for p in value][:5]}")
+    for p in value:
+        try:
+            p.encode("utf-8")  # the tokenizers take UTF-8; a lone surrogate cannot be encoded
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"{name} {p!r} is not valid Unicode text ({e.reason} at position {e.start})"
+            ) from None
     return list(value)
 
 
@@ -149,8 +157,24 @@ def _embeds(prompt_embeds, pooled, name: str, pooled_name: str) -> int:
     return prompt_embeds.shape[0]
 
 
+# More steps than any schedule needs; far larger counts only allocate schedules and hang.
+MAX_STEPS = 1000
+
+
 def validate(pipe, a: dict) -> Request:
     """Check every argument of `FluxPipeline.__call__` (its keywords as the dict `a`) and fill in the defaults."""
+    for name in ("guidance_scale", "true_cfg_scale"):  # a NaN here would surface as NaN latents
+        v = a[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{name} must be a finite number, got {v!r}")
+    if a["sampler_options"] is not None and not (
+        isinstance(a["sampler_options"], dict) and all(isinstance(k, str) for k in a["sampler_options"])
+    ):
+        raise ConfigError(
+            f"sampler_options must be a dict of keyword arguments; got {a['sampler_options']!r}"
+        )
+    if a["callback"] is not None and not callable(a["callback"]):
+        raise ConfigError(f"callback must be callable(step_dict); got {type(a['callback']).__name__}")
     if a["prompt_embeds"] is not None:
         if a["prompt"] is not None or a["prompt_2"] is not None:
             raise ConfigError("pass either prompt (and prompt_2) or prompt_embeds, not both")
@@ -164,6 +188,10 @@ def validate(pipe, a: dict) -> Request:
         prompts = _prompt_list(a["prompt"], "prompt")
         batch = len(prompts)
         prompts_2 = _matching(a["prompt_2"], batch, "prompt_2", prompts)
+    if a["latents"] is not None and not isinstance(a["latents"], Tensor):
+        raise ConfigError(
+            f"latents must be a torch.Tensor of packed noise; got {type(a['latents']).__name__}"
+        )
     k = a["num_images_per_prompt"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"num_images_per_prompt must be an integer >= 1, got {k!r}")
@@ -200,6 +228,8 @@ def validate(pipe, a: dict) -> Request:
     steps = a["num_inference_steps"]
     if a["sigmas"] is not None:
         sig = a["sigmas"]
+        if not isinstance(sig, (Tensor, Sequence)) or isinstance(sig, (str, bytes)):
+            raise ConfigError(f"sigmas must be a list of flow times in (0, 1]; got {type(sig).__name__}")
         sig = sig.tolist() if isinstance(sig, Tensor) else list(sig)
         if not sig or not all(isinstance(s, (int, float)) and 0 < s <= 1 for s in sig):
             raise ConfigError(f"sigmas must be flow times in (0, 1] (the final 0 is appended); got {sig!r}")
@@ -207,8 +237,10 @@ def validate(pipe, a: dict) -> Request:
             raise ConfigError(f"sigmas must decrease strictly; got {sig!r}")
         steps = len(sig)
     steps = (4 if pipe.is_schnell else 28) if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"num_inference_steps must be an integer >= 1, got {a['num_inference_steps']!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(
+            f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {a['num_inference_steps']!r}"
+        )
     sampler = a["sampler"]
     sample = get_sampler(sampler) if isinstance(sampler, str) else sampler
     if not callable(sample):
