@@ -239,7 +239,7 @@ def validate(pipe, a: dict) -> Request:
     steps = (4 if pipe.is_schnell else 28) if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ConfigError(
-            f"num_inference_steps must be an integer in [1, {MAX_STEPS}], got {a['num_inference_steps']!r}"
+            f"num_inference_steps must be an integer >= 1 and <= {MAX_STEPS}, got {a['num_inference_steps']!r}"
         )
     sampler = a["sampler"]
     sample = get_sampler(sampler) if isinstance(sampler, str) else sampler
