@@ -523,7 +523,8 @@ class FluxPipeline:
         [N, H, W, 3] numpy ("np") or [N, 3, H, W] tensor ("pt"), both in [0, 1]."""
         check_output_type(output_type)
         with self._stage(self.ae), self._ae_autocast():
-            decoded = self.ae.decode(unpack(x.float(), height, width)).float().clamp(-1, 1)
+            # context parallel: VAE tiles shared among the ranks (fluxcore.parallel_decode)
+            decoded = devices.decode(self, unpack(x.float(), height, width)).float().clamp(-1, 1)
         return to_output(decoded, output_type)
 
     # --- stage helpers ---------------------------------------------------------------------

@@ -202,6 +202,19 @@ def enable_context_parallel(pipe, ulysses: int = 1, ring: int = 1, mesh=None):
     return pipe
 
 
+def decode(pipe, z):
+    """`pipe.ae.decode(z)`; under context parallel with per-tile VAE tiling, the tiles are shared
+    among the context-parallel ranks (`fluxcore.parallel_decode.decode_across_ranks`, the same
+    image). Without tiling (or with shared-norm tiling) every rank decodes the whole image: its
+    GroupNorms normalise over the whole image, so the decoder does not split into independent parts."""
+    cp = pipe._parallel
+    if cp is None or cp.size == 1:
+        return pipe.ae.decode(z)
+    from fluxcore.parallel_decode import decode_across_ranks
+
+    return decode_across_ranks(pipe.ae, z, (cp.ulysses_group, cp.ring_group))
+
+
 def disable_context_parallel(pipe):
     if pipe._parallel is not None:
         pipe._parallel.remove()
