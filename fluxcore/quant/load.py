@@ -81,8 +81,33 @@ def _to(t: Tensor, device) -> Tensor:
     return t if device is None else t.to(device)
 
 
+def _gguf_offsets(path) -> dict[str, int]:
+    """{tensor name: file offset of its bytes} (the header only; no data page is touched)."""
+    from gguf import GGUFReader
+
+    return {t.name: int(t.data_offset) for t in GGUFReader(str(path), "r").tensors}
+
+
+def _read_bytes(path, offset: int, t: Tensor) -> Tensor:
+    """The bytes of `t` (a uint8 view of the file's memory map at `offset`) in fresh memory, by
+    plain file reads. Copying out of the mapping instead would fault every page in, and those
+    pages stay in this process's resident set while the mapping lives: every packed weight would
+    count twice at the peak."""
+    out = torch.empty(t.numel(), dtype=torch.uint8)
+    view, done = memoryview(out.numpy()), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise WeightsError(f"{path}: file ends inside a tensor")
+            done += n
+    return out
+
+
 def gguf_entries(path, rename: Callable[[str], str | None] = lambda k: k) -> Entries:
     tensors, _meta = _gguf.read_gguf(path)
+    offsets = _gguf_offsets(path)
     prefix = _prefix(tensors)
     e = Entries(str(path), "gguf")
     for name, t in tensors.items():
@@ -93,17 +118,18 @@ def gguf_entries(path, rename: Callable[[str], str | None] = lambda k: k) -> Ent
             continue
         if t.qtype not in _gguf.FLOAT_TYPES and key.endswith(".weight") and len(t.shape) == 2:
 
-            def make(bias, device, t=t):
-                return GGUFLinear(_to(t.data.clone(), device), t.qtype, t.shape, bias)
+            def make(bias, device, t=t, offset=offsets[name]):
+                raw = _read_bytes(path, offset, t.data)
+                return GGUFLinear(_to(raw, device), t.qtype, t.shape, bias)
 
             e.quant[key[: -len(".weight")]] = (t.shape, make)
         else:
             e.dense[key] = (
                 t.shape,
-                lambda t=t: (
+                lambda t=t, offset=offsets[name]: (
                     t.dequantize(torch.float32)
                     if t.qtype not in _gguf.FLOAT_TYPES
-                    else t.data.clone()
+                    else _read_bytes(path, offset, t.data)
                     .view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.qtype])
                     .reshape(t.shape)
                 ),
