@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,8 @@ def rel_l1(new: Tensor, old: Tensor) -> float:
 class _Slot:
     """Cache state of one trajectory (one conditioning)."""
 
+    shapes: tuple = ()  # (txt shape, img shape)
+    txt: Callable[[], Tensor | None] = lambda: None  # weak reference to the caller's last txt
     last_t: float | None = None
     step: int = 0  # evaluations in this trajectory
     signal: Tensor | None = None  # first_block: block-0 residual; teacache: modulated input
@@ -233,7 +236,8 @@ class _Trunk:
         self.running = False
         self.t: float | None = None
         self._raw_txt: Tensor | None = None  # the caller's txt argument: it keys the slot
-        self.slots: OrderedDict[tuple, _Slot] = OrderedDict()
+        self.slots: OrderedDict[int, _Slot] = OrderedDict()  # least recently used first
+        self._next_key = 0
 
     def doubles(self) -> list[nn.Module]:
         return list(self._model().double_blocks._modules.values())
@@ -250,11 +254,26 @@ class _Trunk:
         return x[:, n:], x[:, :n]
 
     def slot(self, txt: Tensor, img: Tensor, t: float) -> _Slot:
-        key = (txt.data_ptr(), tuple(txt.shape), tuple(img.shape))
-        slot = self.slots.pop(key, None)
-        if slot is None or slot.last_t is None or t > slot.last_t:
-            slot = _Slot()  # a new trajectory
-        self.slots[key] = slot
+        """The trajectory this call continues. A trajectory continues only at a smaller t, with
+        the same shapes. The caller's txt tensor object is the first clue (a sampler passes the same
+        one every step); a new txt tensor of the same shapes continues the least recently used
+        trajectory that can go on, so a caller who rebuilds its inputs every step, or alternates
+        cond/uncond calls, still gets its cache."""
+        shapes = (tuple(txt.shape), tuple(img.shape))
+
+        def continues(s: _Slot, same_t: bool) -> bool:
+            return s.shapes == shapes and s.last_t is not None and (t < s.last_t or same_t and t == s.last_t)
+
+        # The same txt may repeat a t (a second-order sampler); a new txt at a repeated t is
+        # another conditioning (the uncond half of CFG), so it starts its own trajectory.
+        # Newest first for the same txt: a finished generation's last t may equal this one's.
+        found = next((k for k, s in reversed(self.slots.items()) if s.txt() is txt and continues(s, True)), None)
+        if found is None:
+            found = next((k for k, s in self.slots.items() if continues(s, False)), None)
+        slot = self.slots.pop(found) if found is not None else _Slot(shapes=shapes)
+        slot.txt = weakref.ref(txt)
+        self._next_key += 1
+        self.slots[self._next_key] = slot  # most recently used last
         while len(self.slots) > _MAX_SLOTS:
             self.slots.popitem(last=False)
         return slot

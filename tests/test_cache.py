@@ -113,13 +113,14 @@ def test_moderate_threshold_skips_some_steps(setup):
 
 def test_second_generation_starts_a_new_trajectory(setup):
     model, noise, cond = setup
-    h = cache.apply(model, "first_block", threshold=0.2)
+    h = cache.apply(model, "first_block", threshold=0.3)
     try:
         a = euler(model, noise, cond)
         first = h.stats.skipped
         b = euler(model, noise, cond)
     finally:
         h.remove()
+    assert 0 < first < STEPS - 1
     assert torch.equal(a, b) and h.stats.skipped == 2 * first
 
 
@@ -141,6 +142,32 @@ def test_interleaved_conditionings_keep_separate_caches(setup):
     finally:
         h.remove()
     assert h.stats.skipped > 0
+    assert torch.equal(xs[0], alone[0]) and torch.equal(xs[1], alone[1])
+
+
+def test_inputs_rebuilt_every_call_keep_their_trajectories(setup):
+    """A caller that builds fresh tensors for every call (cond and uncond interleaved, copies of
+    the text each time, all kept alive so no address is reused) gets the same trajectories as a
+    caller that passes the same tensors."""
+    model, noise, cond = setup
+    other = {**cond, "txt": torch.randn_like(cond["txt"]), "y": torch.randn_like(cond["y"])}
+    h = cache.apply(model, "taylorseer", interval=3)
+    try:
+        alone = [euler(model, noise, c) for c in (cond, other)]
+        skipped_alone = h.stats.skipped
+        ts = torch.linspace(1, 0, STEPS + 1)
+        xs, kept = [noise.clone(), noise.clone()], []
+        with torch.no_grad():
+            for i in range(STEPS):
+                for j, c in enumerate((cond, other)):
+                    fresh = {k: v.clone() for k, v in c.items()}
+                    kept.append(fresh)
+                    t = ts[i].expand(noise.shape[0]).clone()
+                    v = model(xs[j], fresh["img_ids"], fresh["txt"], fresh["txt_ids"], t, fresh["y"], fresh["guidance"])
+                    xs[j] = xs[j] + (ts[i + 1] - ts[i]) * v
+    finally:
+        h.remove()
+    assert skipped_alone > 0 and h.stats.skipped == 2 * skipped_alone
     assert torch.equal(xs[0], alone[0]) and torch.equal(xs[1], alone[1])
 
 
