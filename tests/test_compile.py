@@ -7,6 +7,9 @@ Inductor itself is exercised by benchmarks/compile.py (a C++ build per graph is 
 - Outputs match eager; state-dict keys are unchanged; `remove` restores eager calls; a second
   `compile_blocks` compiles nothing; a block swapped in later runs eagerly; compiling after a
   step cache was applied works (the cache's decisions stay outside the graphs).
+- LoRA: loading one changes the blocks it wraps (one new graph per new block structure); after
+  `prepare_hotswap`, swapping in another LoRA and changing strengths recompile nothing, and the
+  compiled outputs follow the swapped weights.
 - CUDA-graph modes are refused on CPU with a reason.
 """
 
@@ -17,6 +20,7 @@ import fluxcore
 import fluxcore.cache
 import fluxcore.compile
 from fluxcore import PRESETS, Flux
+from fluxcore import lora as L
 from fluxcore.errors import FluxcoreError
 
 
@@ -110,6 +114,45 @@ def test_compile_after_cache_and_swapped_blocks(model):
     finally:
         handle.remove()
         fluxcore.compile.remove(model)
+
+
+def _lora(model, seed, rank):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path in ("double_blocks.0.img_attn.qkv", "double_blocks.1.img_mlp.0", "single_blocks.1.linear1"):
+        m = model.get_submodule(path)
+        sd[f"{path}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.1
+        sd[f"{path}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.1
+    return sd
+
+
+def test_lora_hotswap_and_strengths_do_not_recompile(model):
+    backend = Counting()
+    a = inputs(model, 1, 4, 4, 7)
+    eager = Flux(PRESETS["tiny-dev"]).eval()
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        fluxcore.compile_blocks(model, backend=backend)
+        model(*a)
+        assert backend.graphs == 2
+        L.prepare_hotswap(model, max_rank=8)
+        L.load_lora(model, _lora(model, 1, 4), adapter_name="slot")
+        model(*a)
+        # double 0 (qkv wrapped), double 1 (MLP wrapped), single 1 (linear1 wrapped) differ from
+        # the plain blocks; single 0 is unchanged and reuses its graph
+        assert backend.graphs == 5
+        for seed, rank, weight in ((2, 6, 0.3), (3, 8, 1.0), (4, 2, 0.7)):
+            L.load_lora(model, _lora(model, seed, rank), adapter_name="slot", hotswap=True, weight=weight)
+            out = model(*a)
+            L.load_lora(eager, _lora(model, seed, rank), adapter_name="slot", weight=weight)
+            torch.testing.assert_close(out, eager(*a), rtol=1e-5, atol=1e-5)
+            L.unload_lora(eager)
+            L.set_adapters(model, "slot", 0.5 * weight)
+            model(*a)
+        assert backend.graphs == 5
+        L.unload_lora(model)
+        torch.testing.assert_close(model(*a), eager(*a), rtol=1e-5, atol=1e-5)
+        assert backend.graphs == 5  # the plain blocks' graphs are reused
 
 
 @pytest.mark.parametrize(
