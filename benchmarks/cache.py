@@ -4,70 +4,45 @@ For each cache kind at three settings, 28 Euler steps, compared with the uncache
 seeds:
   - the shipped tiny model (fluxcore/assets/flux-tiny, 64×64): the held-out prompts (each held-out
     colour/shape/position combination on two backgrounds, as tests/test_tiny_model.py), PSNR and
-    SSIM of the final images, and the share of images whose colour and position
-    `fluxcore.toydata.classify` reads as requested;
-  - a mid-size random transformer (hidden 384, 6 heads, 4 double + 8 single blocks, 256×256, 64
-    text tokens; its latents decoded by the tiny model's autoencoder): PSNR and SSIM.
-Plus full trunk evaluations per image (of 28), the share skipped, and the wall-clock ratio to the
-uncached run (cpu_time; only meaningful on an idle machine: a skipped step still runs the
-embedders, block 0 for first_block and the final layer).
+    SSIM of the final images, the share of images whose colour and position
+    `fluxcore.toydata.classify` reads as requested, and the share whose shape it reads as requested;
+  - the mid-size random transformer of benchmarks/common.py (hidden 512, 8 heads, 4 double + 8
+    single blocks) inside a pipeline with the tiny model's text encoders and autoencoder, 256×256,
+    one image per prompt of common.PROMPTS[:3] (the images benchmarks/cpu_ratios.py times): PSNR
+    and SSIM.
+Plus full trunk evaluations per image (of 28) and the share skipped. Wall-clock ratios are measured
+by benchmarks/cpu_ratios.py (interleaved repeats).
 
-    python benchmarks/cache.py                 # the table in docs/speed.md
-    python benchmarks/cache.py --smoke         # 4 steps, 2 prompts, one setting per kind
+    python benchmarks/cache.py                 # the quality table in docs/speed.md
+    python benchmarks/cache.py --smoke         # 4 steps, 2 prompts, one setting per kind, small mid model
 
-Prints tables and writes benchmarks/results/cache-<device>.json.
+Prints tables (also as Markdown) and writes benchmarks/results/cache-<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from common import environment, print_table, write_json
+from common import (
+    CACHE_SETTINGS,
+    PROMPTS,
+    TINY,
+    cache_label,
+    cache_settings,
+    environment,
+    fmt_psnr,
+    loadavg,
+    markdown_table,
+    mid_pipeline,
+    print_table,
+    psnr,
+    ssim,
+    write_json,
+)  # fmt: skip
 
 import fluxcore
-import fluxcore.cache
 from fluxcore.toydata import COLORS, HELD_OUT, ShapeSpec, caption, classify
-
-TINY = Path(fluxcore.__file__).parent / "assets" / "flux-tiny"
-SETTINGS = {
-    "first_block": [{"threshold": t} for t in (0.05, 0.08, 0.12)],
-    "teacache": [{"threshold": t} for t in (0.25, 0.4, 0.6)],
-    "taylorseer": [{"interval": n} for n in (2, 3, 5)],
-}
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of images in [0, 1] (mean over the batch)."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
-    """Structural similarity of images [N, C, H, W] in [0, 1]: Gaussian-weighted local means,
-    variances and covariance per channel (window 11, σ 1.5, K1 0.01, K2 0.03, valid region only),
-    averaged over pixels, channels and images."""
-    a, b = a.double(), b.double()
-    c = a.shape[1]
-    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
-
-    def blur(t):
-        return F.conv2d(t, kernel, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(s.mean())
 
 
 def held_out_cases(limit: int | None = None) -> list[tuple[ShapeSpec, str]]:
@@ -94,64 +69,14 @@ def accuracy(images: torch.Tensor, cases) -> tuple[float, float]:
     return hits / len(cases), shapes / len(cases)
 
 
-def run_tiny(pipe, cases, steps: int, setting: tuple[str, dict] | None) -> tuple[torch.Tensor, dict, float]:
-    handle = fluxcore.cache.apply(pipe.transformer, setting[0], **setting[1]) if setting else None
-    try:
-        t0 = time.perf_counter()
-        out = pipe(
-            [c for _, c in cases], height=64, width=64, num_inference_steps=steps,
-            generator=list(range(len(cases))), output_type="pt", progress=False,
-        )  # fmt: skip
-        seconds = time.perf_counter() - t0
-    finally:
-        if handle:
-            handle.remove()
-    stats = handle.stats if handle else fluxcore.cache.CacheStats(full=steps * len(cases))
-    return out.images, {"full": stats.full, "skipped": stats.skipped}, seconds
-
-
-def mid_model(seed: int = 0) -> fluxcore.Flux:
-    cfg = fluxcore.PRESETS["tiny-dev"].replace(
-        hidden_size=384, num_heads=6, depth=4, depth_single_blocks=8, axes_dim=(16, 24, 24),
-        context_in_dim=256, vec_in_dim=128,
+def generate(pipe, prompts, steps: int, size: int, setting, seeds) -> tuple[torch.Tensor, int]:
+    """Images [N, 3, size, size] in [0, 1] (one batched call) and the call's full trunk
+    evaluations (of `steps`; a cache decides per call, for the whole batch)."""
+    out = pipe(
+        prompts, height=size, width=size, num_inference_steps=steps, generator=list(seeds),
+        output_type="pt", progress=False, cache=setting,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    return fluxcore.Flux(cfg).eval()
-
-
-def run_mid(model, ae, steps: int, setting, n_images: int = 2, size: int = 256):
-    from fluxcore.latents import get_noise, make_img_ids, make_txt_ids, pack, unpack
-    from fluxcore.sampling import FlowDenoiser, get_schedule, sample_euler
-
-    g = torch.Generator().manual_seed(1)
-    cfg = model.config
-    txt = torch.randn(n_images, 64, cfg.context_in_dim, generator=g)
-    y = torch.randn(n_images, cfg.vec_in_dim, generator=g)
-    noise = torch.cat(
-        [get_noise(1, size, size, device="cpu", dtype=torch.float32, seed=s) for s in range(n_images)]
-    )
-    x = pack(noise)
-    extra = {
-        "img_ids": make_img_ids(n_images, size, size),
-        "txt": txt,
-        "txt_ids": make_txt_ids(n_images, txt.shape[1]),
-        "y": y,
-        "guidance": 3.5,
-    }
-    sigmas = get_schedule(steps, x.shape[1])
-    handle = fluxcore.cache.apply(model, setting[0], **setting[1]) if setting else None
-    try:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            x = sample_euler(FlowDenoiser(model), x, sigmas, extra_args=extra, disable=True)
-        seconds = time.perf_counter() - t0
-    finally:
-        if handle:
-            handle.remove()
-    with torch.no_grad():
-        images = (ae.decode(unpack(x, size, size)).clamp(-1, 1) + 1) / 2
-    stats = handle.stats if handle else fluxcore.cache.CacheStats(full=steps)
-    return images, {"full": stats.full, "skipped": stats.skipped}, seconds
+    return out.images, out.info["cache"]["full"] if setting else steps
 
 
 def main() -> None:
@@ -159,52 +84,76 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--smoke", action="store_true", help="4 steps, 2 prompts, one setting per kind")
     p.add_argument("--skip-mid", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     steps = 4 if args.smoke else args.steps
-    settings = [
-        (k, opts) for k, all_opts in SETTINGS.items() for opts in (all_opts[:1] if args.smoke else all_opts)
-    ]
+    settings = cache_settings(first_only=args.smoke)
+    load_start = loadavg()
 
     pipe = fluxcore.FluxPipeline.from_pretrained(TINY)
     cases = held_out_cases(2 if args.smoke else None)
+    prompts, seeds = [c for _, c in cases], range(len(cases))
     rows = []
-    run_tiny(pipe, cases[:2], 2, None)  # warm-up, so the reference's time is not the first call's
-    ref, _, ref_s = run_tiny(pipe, cases, steps, None)
-    acc, shape_acc = accuracy(ref, cases)
-    rows.append({"model": "tiny", "cache": "none", "full": steps, "skipped": 0.0, "psnr": math.inf, "ssim": 1.0,
-                 "color+position": acc, "shape": shape_acc, "cpu_time": 1.0})  # fmt: skip
-    for kind, opts in settings:
-        images, stats, s = run_tiny(pipe, cases, steps, (kind, opts))
-        acc, shape_acc = accuracy(images, cases)
-        rows.append({
-            "model": "tiny", "cache": f"{kind} {opts}", "full": steps * stats["full"] / (stats["full"] + stats["skipped"]),
-            "skipped": stats["skipped"] / (stats["full"] + stats["skipped"]),
-            "psnr": psnr(images, ref), "ssim": ssim(images, ref), "color+position": acc, "shape": shape_acc,
-            "cpu_time": s / ref_s,
-        })  # fmt: skip
-        print(rows[-1], flush=True)
-    if not args.skip_mid:
-        model = mid_model()
-        size = 64 if args.smoke else 256
-        ref, _, ref_s = run_mid(model, pipe.ae, steps, None, size=size)
-        rows.append({"model": "mid", "cache": "none", "full": steps, "skipped": 0.0, "psnr": math.inf, "ssim": 1.0,
-                     "cpu_time": 1.0})  # fmt: skip
-        for kind, opts in settings:
-            images, stats, s = run_mid(model, pipe.ae, steps, (kind, opts), size=size)
+    with torch.no_grad():
+        ref, _ = generate(pipe, prompts, steps, 64, None, seeds)
+        for kind, opts in [("none", {}), *settings]:
+            setting = None if kind == "none" else (kind, opts)
+            images, full = (
+                (ref, steps) if setting is None else generate(pipe, prompts, steps, 64, setting, seeds)
+            )
+            acc, shape_acc = accuracy(images, cases)
             rows.append({
-                "model": "mid", "cache": f"{kind} {opts}", "full": stats["full"],
-                "skipped": stats["skipped"] / (stats["full"] + stats["skipped"]),
-                "psnr": psnr(images, ref), "ssim": ssim(images, ref), "cpu_time": s / ref_s,
+                "model": "tiny", "cache": cache_label(kind, opts), "full": full, "skipped": 1 - full / steps,
+                "psnr": psnr(images, ref), "ssim": ssim(images, ref),
+                "color+position": acc, "shape": shape_acc,
             })  # fmt: skip
             print(rows[-1], flush=True)
-    print_table(
-        rows, ["model", "cache", "full", "skipped", "psnr", "ssim", "color+position", "shape", "cpu_time"]
-    )
-    config = {"steps": steps, "prompts": len(cases), "settings": SETTINGS, "smoke": args.smoke}
+        if not args.skip_mid:
+            mid = mid_pipeline(pipe, smoke=args.smoke)
+            size = 64 if args.smoke else 256
+            mid_prompts = PROMPTS[:3]
+            refs = [generate(mid, [q], steps, size, None, [i])[0] for i, q in enumerate(mid_prompts)]
+            ref = torch.cat(refs)
+            for kind, opts in [("none", {}), *settings]:
+                setting = None if kind == "none" else (kind, opts)
+                outs = [generate(mid, [q], steps, size, setting, [i]) for i, q in enumerate(mid_prompts)]
+                images, full = torch.cat([o[0] for o in outs]), sum(o[1] for o in outs)
+                rows.append({
+                    "model": "mid", "cache": cache_label(kind, opts), "full": full / len(mid_prompts),
+                    "skipped": 1 - full / (steps * len(mid_prompts)), "psnr": psnr(images, ref),
+                    "ssim": ssim(images, ref),
+                })  # fmt: skip
+                print(rows[-1], flush=True)
+    print_table(rows, ["model", "cache", "full", "skipped", "psnr", "ssim", "color+position", "shape"])
+    print()
+    print(markdown(rows, steps))
+    config = {
+        "steps": steps, "prompts": len(cases), "mid_prompts": None if args.skip_mid else PROMPTS[:3],
+        "settings": CACHE_SETTINGS, "smoke": args.smoke, "threads": args.threads,
+        "loadavg_start": load_start, "loadavg_end": loadavg(),
+    }  # fmt: skip
     path = write_json("cache", environment(torch.device("cpu")), config, rows, args.out)
     print(f"wrote {path}")
+
+
+def markdown(rows: list[dict], steps: int) -> str:
+    """The docs/speed.md table: one line per setting, tiny and mid side by side."""
+    table = {}
+    for r in rows:
+        line = table.setdefault(r["cache"], {"cache": r["cache"]})
+        m = r["model"]
+        line[f"{m}_full"] = f"{r['full']:.3g}"
+        line[f"{m}_psnr"], line[f"{m}_ssim"] = fmt_psnr(r["psnr"]), f"{r['ssim']:.4f}"
+        if m == "tiny":
+            line["cp"], line["shape"] = f"{r['color+position']:.2f}", f"{r['shape']:.2f}"
+    columns = [
+        ("cache", "cache"), ("tiny_full", "tiny: full"), ("tiny_psnr", "tiny: PSNR"), ("tiny_ssim", "tiny: SSIM"),
+        ("cp", "tiny: colour+position"), ("shape", "tiny: shape"), ("mid_full", "mid: full"),
+        ("mid_psnr", "mid: PSNR"), ("mid_ssim", "mid: SSIM"),
+    ]  # fmt: skip
+    return markdown_table(list(table.values()), columns)
 
 
 if __name__ == "__main__":

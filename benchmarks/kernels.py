@@ -10,9 +10,14 @@ Fused norm/modulation kernels (B=1, L=4608, C=3072, MLP 12288): triton, eager (t
 reference) and torch.compile of the reference. Reports median ms, effective GB/s (bytes each op
 must read and write once) and the speed ratio to eager.
 
+GGUF dequantization (a FLUX MLP weight, 3072 x 12288, in Q4_K and Q8_0 by default): the Triton
+kernel against fluxcore's PyTorch decoder (eager) and torch.compile of it; GB/s counts the packed
+bytes read and the output written once. The kernel is bit-exact, so max_err_vs_eager must be 0.
+
     python benchmarks/kernels.py                      # GPU, full FLUX shapes, bf16
     python benchmarks/kernels.py --device cpu --dtype fp32 --lengths 77 --heads 2 --hidden 64 \\
-        --norm-length 77 --warmup 1 --iters 2 --providers triton sdpa-flash eager   # CPU smoke test
+        --norm-length 77 --warmup 1 --iters 2 --providers triton sdpa-flash eager \\
+        --dequant-shape 16 512                                                  # CPU smoke test
 
 Prints tables and writes benchmarks/results/kernels-<device>.json. A provider that fails is
 recorded with its error and the run goes on.
@@ -43,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--providers", nargs="+", default=ATTENTION_PROVIDERS + ["compile"])
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-norms", action="store_true")
+    p.add_argument("--dequant-shape", type=int, nargs=2, default=[3072, 12288], help="weight [out, in]")
+    p.add_argument("--dequant-types", nargs="+", default=["Q4_K", "Q8_0"])
+    p.add_argument("--skip-dequant", action="store_true")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
@@ -178,6 +186,51 @@ def bench_norms(args, device, dtype) -> list[dict]:
     return rows
 
 
+# byte offsets of each block's fp16 scales, made finite in the random blocks
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82],
+              "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}  # fmt: skip
+
+
+def bench_dequant(args, device, dtype) -> list[dict]:
+    from fluxcore.kernels import dequant as DQ
+
+    from fluxcore.quant.gguf import dequantize_torch
+
+    out_f, in_f = args.dequant_shape
+    rows = []
+    for qtype in args.dequant_types:
+        _, elements, size = DQ.TYPES[qtype]
+        n = out_f * in_f // elements
+        g = torch.Generator(device=device).manual_seed(0)
+        raw = torch.randint(0, 256, (n, size), dtype=torch.uint8, device=device, generator=g)
+        for o in F16_FIELDS[qtype]:
+            scales = (torch.randn(n, device=device, generator=g) * 0.01).half()
+            raw[:, o : o + 2] = scales.view(torch.uint8).reshape(n, 2)
+
+        def eager(raw=raw, qtype=qtype):
+            return dequantize_torch(raw, qtype, (out_f, in_f), dtype)
+
+        fns = {"triton": lambda raw=raw, qtype=qtype: DQ.dequantize_gguf(raw, qtype, dtype), "eager": eager}
+        if "compile" in args.providers:
+            fns["compile"] = torch.compile(eager, dynamic=False)
+        nbytes = raw.numel() + out_f * in_f * torch.tensor([], dtype=dtype).element_size()
+        eager_ms, these = None, []
+        for name, fn in fns.items():
+            ms, error = run(fn, device, args)
+            row = dict(op=f"dequant {qtype}", shape=f"{out_f}x{in_f}", provider=name, ms=ms, error=error)
+            if ms is not None:
+                row["gbps"] = nbytes / (ms * 1e-3) / 1e9
+                eager_ms = ms if name == "eager" else eager_ms
+                if name != "eager":
+                    row["max_err_vs_eager"] = max_error(fn().reshape(out_f, in_f), eager())
+            these.append(row)
+        for r in these:
+            if eager_ms and r["ms"]:
+                r["vs_eager"] = eager_ms / r["ms"]
+        rows += these
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -201,6 +254,12 @@ def main() -> None:
                 norm_rows, ["op", "shape", "provider", "ms", "gbps", "vs_eager", "max_err_vs_eager", "error"]
             )
             rows += norm_rows
+        if not args.skip_dequant:
+            dequant_rows = bench_dequant(args, device, dtype)
+            print(f"\nGGUF dequantization to {args.dtype} (GB/s: packed bytes read + output written once)")
+            cols = ["op", "shape", "provider", "ms", "gbps", "vs_eager", "max_err_vs_eager", "error"]
+            print_table(dequant_rows, cols)
+            rows += dequant_rows
     path = write_json("kernels", env, vars(args), rows, args.out)
     print(f"\nwrote {path}")
 

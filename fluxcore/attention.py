@@ -373,7 +373,15 @@ register_backend(
 )  # fmt: skip
 register_backend("flash2", _flash2, _flash2_why_not, priority=15)
 # The interpreter can run it on CPU tensors (tests), but "auto" only picks it for CUDA tensors.
-register_backend("triton", _triton_attention, _triton_why_not, priority=20, auto_ok=lambda q: q.is_cuda)
+# "auto" takes the Triton kernel for inference only: its backward is checked in the interpreter and
+# compiled for every GPU target, but until it is measured on a GPU training opts in by name.
+register_backend(
+    "triton",
+    _triton_attention,
+    _triton_why_not,
+    priority=20,
+    auto_ok=lambda q: q.is_cuda and not (q.requires_grad and torch.is_grad_enabled()),
+)
 register_backend(
     "sdpa-cudnn", _sdpa_kernel("CUDNN_ATTENTION"), _sdpa_why_not("CUDNN_ATTENTION"), priority=30,
     auto_ok=_is_hopper_or_newer,

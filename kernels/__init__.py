@@ -6,7 +6,8 @@ and the transform that puts them into a built model.
 
 The ops (attention.py, rope.py, modulation.py) depend on torch and triton only. Every op is a
 torch.library op (`torch.ops.fluxcore.*`, registered with triton_op), so torch.compile traces
-through it. The kernels are forward-only. Under TRITON_INTERPRET=1 (set before importing triton)
+through it. Attention has a Triton backward (attention_backward.py); the elementwise kernels are
+forward-only. Under TRITON_INTERPRET=1 (set before importing triton)
 they run on CPU tensors in Triton's interpreter, which is how the tests check them without a GPU.
 
 Attention backend contract (fluxcore.attention registers "triton" with these two):

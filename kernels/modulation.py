@@ -22,25 +22,65 @@ from ._common import INTERPRET, TILE, check_inputs, empty, next_pow2, warps_for
 
 
 @triton.jit
-def _adaln_kernel(
-    X, SHIFT, SCALE, O, stride_xb, stride_xl, stride_shb, stride_scb, R, L, C, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """BLOCK_R whole rows per program: each row sits in registers, so its statistics need one read."""
+def _row_coords(BLOCK_R: tl.constexpr, L):
+    """This program's rows of the flattened [B·L, C] and their (batch, position), as int64 for the
+    address arithmetic. The division is done in int32 (B·L is an int32 argument): a 64-bit integer
+    division compiles to a subroutine call on NVIDIA GPUs, whose calling convention made ptxas
+    spill registers in these kernels."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return rows.to(tl.int64), (rows // L).to(tl.int64), (rows % L).to(tl.int64)
+
+
+@triton.jit
+def _adaln_write(xc, rstd, SHIFT, SCALE, O, r, b, c, ok, stride_shb, stride_scb, C):
+    """Store (1 + scale)·(xc·rstd) + shift at rows r, channels c (xc: x minus the row mean),
+    rounding where the reference does."""
     dt = O.dtype.element_ty
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    b, l = r // L, r % L
-    c = tl.arange(0, BLOCK_C)
-    ok = (r[:, None] < R) & (c[None, :] < C)
-    x = tl.load(X + (b * stride_xb + l * stride_xl)[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / C
-    xc = tl.where(ok, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, 1) / C + eps)
     n = (xc * rstd[:, None]).to(dt).to(tl.float32)
     scale = tl.load(SCALE + (b * stride_scb)[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + (b * stride_shb)[:, None] + c[None, :], mask=ok, other=0.0).to(tl.float32)
     y = ((1.0 + scale).to(dt).to(tl.float32) * n).to(dt).to(tl.float32) + shift
     tl.store(O + r[:, None] * C + c[None, :], y.to(dt), mask=ok)
+
+
+@triton.jit
+def _adaln_kernel(
+    X, SHIFT, SCALE, O, stride_xb, stride_xl, stride_shb, stride_scb, R, L, C, eps,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WHOLE_ROW: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_R rows per program. WHOLE_ROW (BLOCK_C ≥ C): each row sits in registers, so its
+    statistics need one read. Otherwise (rows wider than a program holds without spilling) the
+    program walks the row in BLOCK_C chunks three times: the mean, the centred sum of squares, and
+    the output, the same formulas in float32 with partial sums kept per lane."""
+    r, b, l = _row_coords(BLOCK_R, L)
+    c = tl.arange(0, BLOCK_C)
+    row_ok = r[:, None] < R
+    x_rows = X + (b * stride_xb + l * stride_xl)[:, None]
+    if WHOLE_ROW:
+        ok = row_ok & (c[None, :] < C)
+        x = tl.load(x_rows + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(x, 1) / C
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, 1) / C + eps)
+        _adaln_write(xc, rstd, SHIFT, SCALE, O, r, b, c, ok, stride_shb, stride_scb, C)
+    else:
+        acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for start in range(0, C, BLOCK_C):
+            ok = row_ok & (start + c[None, :] < C)
+            acc += tl.load(x_rows + start + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, 1) / C
+        acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for start in range(0, C, BLOCK_C):
+            ok = row_ok & (start + c[None, :] < C)
+            x = tl.load(x_rows + start + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            xc = tl.where(ok, x - mean[:, None], 0.0)
+            acc += xc * xc
+        rstd = tl.rsqrt(tl.sum(acc, 1) / C + eps)
+        for start in range(0, C, BLOCK_C):
+            ok = row_ok & (start + c[None, :] < C)
+            x = tl.load(x_rows + start + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            xc = tl.where(ok, x - mean[:, None], 0.0)
+            _adaln_write(xc, rstd, SHIFT, SCALE, O, r, b, start + c, ok, stride_shb, stride_scb, C)
 
 
 @triton.jit
@@ -50,8 +90,7 @@ def _gated_residual_kernel(
 ):  # fmt: skip
     """Program (i, j) owns rows i·BLOCK_R.. and channels j·BLOCK_C.. of the flattened [B·L, C]."""
     dt = O.dtype.element_ty
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    b, l = r // L, r % L
+    r, b, l = _row_coords(BLOCK_R, L)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (r[:, None] < R) & (c[None, :] < C)
     x = tl.load(X + (b * stride_xb + l * stride_xl)[:, None] + c[None, :], mask=ok).to(tl.float32)
@@ -68,8 +107,7 @@ def _gelu_concat_kernel(
 ):  # fmt: skip
     """Program (i, j) owns rows i·BLOCK_R.. and output channels j·BLOCK_C.. of [B·L, CA + CH]."""
     dt = O.dtype.element_ty
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    b, l = r // L, r % L
+    r, b, l = _row_coords(BLOCK_R, L)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok = r[:, None] < R
     in_a = row_ok & (c[None, :] < CA)
@@ -83,10 +121,28 @@ def _gelu_concat_kernel(
     tl.store(O + r[:, None] * (CA + CH) + c[None, :], out.to(dt), mask=in_a | in_h)
 
 
-def _tiles(columns: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) for an elementwise pass over rows of `columns` channels."""
+# The widest row (elements, a power of two) an adaLN program holds whole in registers: 8192 values
+# over 16 warps, 16 per thread (as at FLUX's width). Twice that compiled to up to 128 registers in
+# float32 (the most 512 threads can have: no margin), so wider rows are walked in chunks.
+ADALN_ROW_MAX = 8192
+
+
+def adaln_launch(columns: int) -> dict:
+    """The adaLN kernel's meta-parameters (constexprs and num_warps) for rows of `columns` channels."""
+    block_c = next_pow2(columns)
+    if block_c <= ADALN_ROW_MAX:  # whole rows: the statistics need every channel
+        block_r = max(1, min(16, TILE // block_c))
+        warps = warps_for(block_r * block_c)
+        return {"BLOCK_R": block_r, "BLOCK_C": block_c, "WHOLE_ROW": True, "num_warps": warps}
+    return {"BLOCK_R": 1, "BLOCK_C": TILE, "WHOLE_ROW": False, "num_warps": warps_for(TILE)}
+
+
+def elementwise_launch(columns: int) -> dict:
+    """Meta-parameters (BLOCK_R, BLOCK_C, num_warps) of gated_residual and gelu_concat for rows of
+    `columns` channels: a [BLOCK_R, BLOCK_C] tile of TILE elements, at most 1024 channels wide."""
     block_c = min(1024, next_pow2(columns))
-    return max(1, TILE // block_c), block_c
+    block_r = max(1, TILE // block_c)
+    return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": warps_for(block_r * block_c)}
 
 
 def _rows(name: str, x: Tensor) -> Tensor:
@@ -112,11 +168,9 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -
     shift, stride_sh = _per_batch("adaln_modulate", shift, B, C)
     scale, stride_sc = _per_batch("adaln_modulate", scale, B, C)
     out = empty(B, L, C, like=x)
-    block_c = next_pow2(C)  # whole rows: the statistics need every channel
-    block_r = max(1, min(16, TILE // block_c))
-    wrap_triton(_adaln_kernel)[(triton.cdiv(B * L, block_r),)](
-        x, shift, scale, out, x.stride(0), x.stride(1), stride_sh, stride_sc, B * L, L, C, eps,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps_for(block_r * block_c),
+    meta = adaln_launch(C)
+    wrap_triton(_adaln_kernel)[(triton.cdiv(B * L, meta["BLOCK_R"]),)](
+        x, shift, scale, out, x.stride(0), x.stride(1), stride_sh, stride_sc, B * L, L, C, eps, **meta,
     )  # fmt: skip
     return out
 
@@ -131,11 +185,10 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
         raise ValueError(f"gated_residual: x and y must share one shape, found {x.shape} and {y.shape}")
     gate, stride_g = _per_batch("gated_residual", gate, B, C)
     out = empty(B, L, C, like=x)
-    block_r, block_c = _tiles(C)
-    grid = (triton.cdiv(B * L, block_r), triton.cdiv(C, block_c))
+    meta = elementwise_launch(C)
+    grid = (triton.cdiv(B * L, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))
     wrap_triton(_gated_residual_kernel)[grid](
-        x, gate, y, out, x.stride(0), x.stride(1), stride_g, y.stride(0), y.stride(1), B * L, L, C,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps_for(block_r * block_c),
+        x, gate, y, out, x.stride(0), x.stride(1), stride_g, y.stride(0), y.stride(1), B * L, L, C, **meta,
     )  # fmt: skip
     return out
 
@@ -150,11 +203,10 @@ def gelu_concat(a: Tensor, h: Tensor) -> Tensor:
         raise ValueError(f"gelu_concat: a and h must share [B, L], found {a.shape} and {h.shape}")
     CH = h.shape[2]
     out = empty(B, L, CA + CH, like=a)
-    block_r, block_c = _tiles(CA + CH)
-    grid = (triton.cdiv(B * L, block_r), triton.cdiv(CA + CH, block_c))
+    meta = elementwise_launch(CA + CH)
+    grid = (triton.cdiv(B * L, meta["BLOCK_R"]), triton.cdiv(CA + CH, meta["BLOCK_C"]))
     wrap_triton(_gelu_concat_kernel)[grid](
-        a, h, out, a.stride(0), a.stride(1), h.stride(0), h.stride(1), B * L, L, CA, CH,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps_for(block_r * block_c),
+        a, h, out, a.stride(0), a.stride(1), h.stride(0), h.stride(1), B * L, L, CA, CH, **meta,
     )  # fmt: skip
     return out
 

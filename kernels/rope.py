@@ -78,6 +78,13 @@ def _qk_norm_rope_kernel(
     )  # fmt: skip
 
 
+def qk_norm_rope_launch(length: int, head_dim: int) -> dict:
+    """The kernel's meta-parameters but NORM (HALF, BLOCK_L, num_warps) for L = `length` positions
+    of head dim `head_dim`: up to TILE elements of a head per program, at least 16 positions."""
+    block_l = min(max(16, next_pow2(length)), max(16, TILE // head_dim))
+    return {"HALF": head_dim // 2, "BLOCK_L": block_l, "num_warps": warps_for(block_l * head_dim)}
+
+
 @triton_op("fluxcore::qk_norm_rope", mutates_args=())
 def qk_norm_rope(
     q: Tensor,
@@ -119,15 +126,15 @@ def qk_norm_rope(
         q_scale = k_scale = pe
     q_out = empty(B, H, L, D, like=q)
     k_out = empty(B, H, L, D, like=q)
-    block_l = min(max(16, next_pow2(L)), max(16, TILE // D))
-    grid = (triton.cdiv(L, block_l), B * H)
+    meta = qk_norm_rope_launch(L, D)
+    grid = (triton.cdiv(L, meta["BLOCK_L"]), B * H)
     wrap_triton(_qk_norm_rope_kernel)[grid](
         q, k, q_scale, k_scale, pe, q_out, k_out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         pe.stride(0) if pe.shape[0] == B else 0, pe.stride(2),
         H, L, eps,
-        HALF=D // 2, BLOCK_L=block_l, NORM=norm, num_warps=warps_for(block_l * D),
+        NORM=norm, **meta,
     )  # fmt: skip
     return q_out, k_out
 

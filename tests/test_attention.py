@@ -83,6 +83,19 @@ def test_auto_never_picks_triton_on_cpu():
     assert {"eager", "sdpa"} <= set(available_backends())
 
 
+def test_auto_takes_triton_for_inference_only():
+    """On CUDA "auto" may take the Triton kernel, but not for a tensor that needs a gradient (its
+    backward is opt-in by name until measured on a GPU)."""
+    ok = _REGISTRY["triton"].auto_ok
+    q = torch.randn(1, 1, 2, 16)
+    cuda_like = type("CudaLike", (), {"is_cuda": True, "requires_grad": False})()
+    assert ok(cuda_like) and not ok(q)
+    cuda_like.requires_grad = True
+    assert not ok(cuda_like)
+    with torch.no_grad():
+        assert ok(cuda_like)
+
+
 def test_contexts_are_per_thread():
     """A thread inside attention_backend("eager") neither switches another thread nor pops its entry."""
     q = torch.randn(1, 1, 2, 16)

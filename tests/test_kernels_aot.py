@@ -2,9 +2,12 @@
 
 For each target (sm_80 A100, sm_86 RTX 3090/A10, sm_89 RTX 4090/L4, sm_90 H100/H200, sm_100 B200,
 sm_120 RTX 5090) and each launch configuration the kernels use there — every autotune entry of the
-attention kernel's table for that GPU family, and the tiles the elementwise kernels pick at FLUX's
-widths — `triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))` runs the whole
-pipeline down to ptxas, and the test checks:
+attention kernels' tables for that GPU family (forward with and without the log-sum-exp, per dtype
+class; the backward's dK/dV and dQ kernels and its preprocess), and every shape class of the
+elementwise kernels (the tiles their launchers pick — computed by the launchers' own functions —
+at FLUX's and the tiny configs' widths, each width specialised as Triton's launcher does at run
+time: a multiple of 16 or not) — `triton.compile(ASTSource(...), target=GPUTarget("cuda", cap,
+32))` runs the whole pipeline down to ptxas, and the test checks:
   - the kernel compiles;
   - its shared memory fits the GPU's per-block limit;
   - ptxas reports no register spills (its -v log; spilling configs were removed from the tables);
@@ -12,16 +15,29 @@ pipeline down to ptxas, and the test checks:
     for every tile of at least 64 query rows (a warpgroup MMA's minimum; the 32-row fallback
     uses the older MMA).
 
-Compiling needs no GPU, but takes 2-20 s per attention kernel on a small CPU, so the default run
-compiles a fixed sample (`test_sample_compiles_and_fits`); the exhaustive cross product is
-`test_every_config_on_every_target` (marked slow; run with `-m slow`). The compiles run in child
-processes: this test process runs Triton in interpreter mode (conftest.py), which cannot compile.
+Compiling needs no GPU. An elementwise kernel compiles in 0.1-0.6 s on a small CPU, an attention
+kernel in 1-5 s, so:
+  - the default run (`test_sample_compiles_and_fits`) compiles every elementwise case — adaLN,
+    gated residual, GELU-concat and QK-norm-RoPE, 40 shape classes × 3 dtypes × 6 targets = 720
+    compiles — plus a fixed bf16 sample of the attention and GGUF dequantization kernels (`sample`).
+    On the 2-core development machine, shared with other jobs (load ~3.7), the whole file took
+    2 min 29 s (2 min 7 s of CPU);
+  - the exhaustive cross product, every kernel × configuration × dtype × target, is
+    `test_every_config_on_every_target` (marked slow; run with `-m slow` or FLUXCORE_AOT_ALL=1).
+    On the same machine (load ~4.5) its 1356 compiles took 9 min 50 s (9 min 52 s of CPU); the
+    720 elementwise ones alone, with --jobs 2, 1 min 58 s (1 min 55 s of CPU).
+The compiles run in child processes: this test process runs Triton in interpreter mode
+(conftest.py), which cannot compile.
 
 Also here, the run-time side: an attention backend that fails to compile or launch makes "auto"
 fall back (one warning naming it) while the explicit backend raises, and the other backends'
 numerics where they run on CPU (FlexAttention against eager).
 
-    python tests/test_kernels_aot.py --targets 90 --dtypes bf16 --jobs 2    # the worker, by hand
+    python tests/test_kernels_aot.py --worker --targets 90 --dtypes bf16 --jobs 2    # the worker, by hand
+    python tests/test_kernels_aot.py --worker --kernels adaln,gated_residual,gelu_concat,qk_norm_rope \
+        --jobs 2 --out /tmp/aot_elem.json                                   # the elementwise sweep
+(run it with TRITON_DUMP_PTXAS_LOG=1 and an empty TRITON_CACHE_DIR, as run_worker does: a cached
+kernel skips ptxas, whose log tells the spills).
 """
 
 from __future__ import annotations
@@ -48,9 +64,14 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 10
 TARGETS = tuple(SHARED_LIMIT)
 DTYPES = ("bf16", "fp16", "fp32")
 
-# FLUX widths: hidden 3072, MLP 12288 (the join writes 3072 + 12288), head dim 128; plus the small
-# widths and head dim 64 the tiny configs use, which take the other tile branches.
-HIDDEN, JOIN, HEAD_DIMS = (3072, 64), (15360, 320), (128, 64)
+# The elementwise kernels' shape classes. Widths: FLUX's hidden 3072 (and its MLP 12288: the join
+# writes 3072 + 12288) and the tiny configs' 64 (+ 256); for adaLN also the widest row a program
+# holds whole and a wider one that it walks in chunks. Each width is compiled as Triton's launcher
+# specialises it — a multiple of 16 — and 8 channels narrower (then the loads are not vectorised),
+# contiguous and as a view (see _elementwise_cases). Head dims: FLUX's 128, the tiny configs' 16,
+# and 64 and 256. Lengths: short (one 16-row tile) and FLUX's 4096 + 512 tokens (the long tile).
+HIDDEN, JOIN, HEAD_DIMS, LENGTHS = (3072, 64), ((3072, 12288), (64, 256)), (128, 64, 16, 256), (8, 4608)
+ELEMENTWISE = ("adaln", "gated_residual", "gelu_concat", "qk_norm_rope")
 
 
 # --- the worker: runs in a child process without TRITON_INTERPRET --------------------------------
@@ -59,55 +80,112 @@ HIDDEN, JOIN, HEAD_DIMS = (3072, 64), (15360, 320), (128, 64)
 def _cases(cap: int, dtypes: tuple[str, ...]) -> list[dict]:
     """Every (kernel, constexprs, warps, stages, dtype) launched on a GPU of capability `cap`."""
     from fluxcore.kernels import attention as A
-    from fluxcore.kernels._common import TILE, next_pow2, warps_for
+    from fluxcore.kernels import attention_backward as AB
+    from fluxcore.kernels._common import warps_for
 
     cases = []
     fam = A.family((cap // 10, cap % 10))
     for dt in dtypes:
+        fp32, precision = dt == "fp32", "ieee" if dt == "fp32" else "tf32"
         for d in (64, 128, 256):
-            for index, cfg in enumerate(A.autotune_configs(fam, d)):
-                const = {
-                    "HEAD_DIM": d, **cfg.kwargs, "UPCAST": False, "PRECISION": "ieee" if dt == "fp32" else "tf32",
-                }  # fmt: skip
-                cases.append({"kernel": "attention", "dtype": dt, "const": const, "warps": cfg.num_warps,
-                              "stages": cfg.num_stages, "index": index})  # fmt: skip
-        for c in HIDDEN:
-            block_c = next_pow2(c)
-            block_r = max(1, min(16, TILE // block_c))
-            cases.append({"kernel": "adaln", "dtype": dt, "const": {"BLOCK_R": block_r, "BLOCK_C": block_c},
-                          "warps": warps_for(block_r * block_c), "stages": 3})  # fmt: skip
-        for kernel, widths in (("gated_residual", HIDDEN), ("gelu_concat", JOIN)):
-            for c in widths:
-                block_c = min(1024, next_pow2(c))
-                block_r = max(1, TILE // block_c)
-                cases.append({"kernel": kernel, "dtype": dt, "const": {"BLOCK_R": block_r, "BLOCK_C": block_c},
-                              "warps": warps_for(block_r * block_c), "stages": 3})  # fmt: skip
-        for d in HEAD_DIMS:
-            for block_l in sorted({16, max(16, TILE // d)}):  # short sequences, and the long-L tile
-                for norm in (True, False):
-                    cases.append({"kernel": "qk_norm_rope", "dtype": dt,
-                                  "const": {"HALF": d // 2, "BLOCK_L": block_l, "NORM": norm},
-                                  "warps": warps_for(block_l * d), "stages": 3})  # fmt: skip
+            for index, cfg in enumerate(A.autotune_configs(fam, d, fp32=fp32)):
+                for store_lse in (False, True):  # inference, and training (the forward writes the LSE)
+                    const = {"HEAD_DIM": d, **cfg.kwargs, "STORE_LSE": store_lse, "UPCAST": False,
+                             "PRECISION": precision}  # fmt: skip
+                    cases.append({"kernel": "attention", "dtype": dt, "const": const, "warps": cfg.num_warps,
+                                  "stages": cfg.num_stages, "index": index})  # fmt: skip
+            # the backward: its two autotuned kernels, and the delta = rowsum(dO·O) preprocess
+            for kernel, configs in zip(ATTENTION_BACKWARD[1:], AB.backward_configs(fam, d, fp32)):
+                for index, cfg in enumerate(configs):
+                    const = {"HEAD_DIM": d, **cfg.kwargs, "UPCAST": False, "PRECISION": precision}
+                    cases.append({"kernel": kernel, "dtype": dt, "const": const, "warps": cfg.num_warps,
+                                  "stages": cfg.num_stages, "index": index})  # fmt: skip
+            cases.append({"kernel": ATTENTION_BACKWARD[0], "dtype": dt, "warps": 4, "stages": 3,
+                          "const": {"HEAD_DIM": d, "BLOCK_M": AB.preprocess_block(d)}})  # fmt: skip
+        cases += [{**case, "dtype": dt} for case in _elementwise_cases()]
+        from fluxcore.kernels import dequant as DQ
+
+        for qtype, (type_id, elements, size) in DQ.TYPES.items():  # GGUF decoding, every covered type
+            per = DQ.blocks_per_program(qtype)
+            cases.append({"kernel": DEQUANT_KERNELS[elements], "dtype": dt, "qtype": qtype,
+                          "const": {"QTYPE": type_id, "BYTES": size, "BLOCKS": per},
+                          "warps": warps_for(per * elements), "stages": 3,
+                          "args": {"n_blocks": 3072 * 12288 // elements},  # a FLUX MLP weight
+                          "options": {"enable_fp_fusion": False}})  # fmt: skip
     for case in cases:
         case["cap"] = cap
     return cases
 
 
+def _elementwise_cases() -> list[dict]:
+    """The elementwise kernels' launches at the widths and lengths above (batch 1), each with the
+    constexprs and warps its launcher picks (the launcher's own function, so the two cannot drift)
+    and its integer arguments ("args"), which Triton's launcher specialises on (see _signature)."""
+    from fluxcore.kernels import modulation as M
+    from fluxcore.kernels import rope
+
+    def case(kernel, meta, **args):
+        meta = dict(meta)
+        warps = meta.pop("num_warps")
+        assert 1 not in args.values()  # Triton would make an argument equal to 1 a constexpr
+        return {"kernel": kernel, "const": meta, "warps": warps, "stages": 3, "args": args}
+
+    cases = []
+    # (channels dropped, views): a width that is a multiple of 16, at FLUX's length; 8 channels
+    # fewer, contiguous, at a length 8 shorter (no integer argument is a multiple of 16); the same as
+    # a view into rows of the full width (only the strides are).
+    for narrower, view in ((0, False), (8, False), (8, True)):
+        L = LENGTHS[-1] - narrower
+        for w in (*HIDDEN, M.ADALN_ROW_MAX, 2 * M.ADALN_ROW_MAX):
+            c, s = w - narrower, w if view else w - narrower  # width, row stride
+            cases.append(case("adaln", M.adaln_launch(c), stride_xb=L * s, stride_xl=s,
+                              stride_shb=6 * s, stride_scb=6 * s, R=L, L=L, C=c))  # fmt: skip
+        for w in HIDDEN:
+            c, s = w - narrower, w if view else w - narrower
+            cases.append(case("gated_residual", M.elementwise_launch(c), stride_xb=L * s, stride_xl=s,
+                              stride_gb=6 * s, stride_yb=L * s, stride_yl=s, R=L, L=L, C=c))  # fmt: skip
+        for wa, ch in JOIN:  # h: the MLP part of the single block's linear1 output [L, 3·CA + CH]
+            ca, sa = wa - narrower, wa if view else wa - narrower
+            sh = 3 * sa + ch
+            cases.append(case("gelu_concat", M.elementwise_launch(ca + ch), stride_ab=L * sa, stride_al=sa,
+                              stride_hb=L * sh, stride_hl=sh, R=L, L=L, CA=ca, CH=ch))  # fmt: skip
+    heads = 24
+    for d in HEAD_DIMS:  # q, k: views of the fused qkv projection's output [L, 3, H, D]
+        for length in LENGTHS:
+            for norm in (True, False):
+                meta = {**rope.qk_norm_rope_launch(length, d), "NORM": norm}
+                b, l = length * 3 * heads * d, 3 * heads * d
+                cases.append(case("qk_norm_rope", meta, stride_qb=b, stride_qh=d, stride_ql=l, stride_kb=b,
+                                  stride_kh=d, stride_kl=l, stride_pb=length * 2 * d, stride_pl=2 * d,
+                                  H=heads, L=length))  # fmt: skip
+    return cases
+
+
 TENSOR_ARGS = {"X", "SHIFT", "SCALE", "O", "G", "Y", "A", "Hid", "Q", "K", "V", "Out", "QO", "KO"}
+TENSOR_ARGS |= {"DO", "DQ", "DK", "DV"}  # the attention backward's
+# the attention backward's kernels: preprocess (delta), dK/dV, dQ
+ATTENTION_BACKWARD = ("attention_bwd_preprocess", "attention_bwd_dkdv", "attention_bwd_dq")
+# the GGUF dequantization kernels by block size; their Q is the packed bytes (*u8), O the output
+DEQUANT_KERNELS = {32: "gguf_dequant_32", 256: "gguf_dequant_k"}
 
 
 def _signature(case: dict):
-    from fluxcore.kernels import attention, modulation, rope
+    from fluxcore.kernels import attention, attention_backward, dequant, modulation, rope
 
     fn = {
         "attention": attention._flash_attention_kernel,
+        "attention_bwd_preprocess": attention_backward._attention_bwd_preprocess_kernel,
+        "attention_bwd_dkdv": attention_backward._attention_bwd_dkdv_kernel,
+        "attention_bwd_dq": attention_backward._attention_bwd_dq_kernel,
         "adaln": modulation._adaln_kernel,
         "gated_residual": modulation._gated_residual_kernel,
         "gelu_concat": modulation._gelu_concat_kernel,
         "qk_norm_rope": rope._qk_norm_rope_kernel,
+        "gguf_dequant_32": dequant._dequant_32_kernel,
+        "gguf_dequant_k": dequant._dequant_k_kernel,
     }[case["kernel"]]
     ptr = "*" + case["dtype"]
-    fp32_ptrs = {"QS", "KS", "PE"}
+    fp32_ptrs = {"QS", "KS", "PE", "LSE", "Delta"}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in TENSOR_ARGS or name in fp32_ptrs or name.startswith("stride"):
@@ -119,12 +197,19 @@ def _signature(case: dict):
             sig[name] = "constexpr"
         elif name in fp32_ptrs:
             sig[name] = "*fp32"
-        elif name in ("eps", "qk_scale"):
+        elif name in ("eps", "qk_scale", "sm_scale"):
             sig[name] = "fp32"
         elif name in TENSOR_ARGS:
             sig[name] = ptr
         else:
             sig[name] = "i32"
+    if case["kernel"] in DEQUANT_KERNELS.values():
+        sig["Q"] = "*u8"
+    for i, name in enumerate(fn.arg_names):
+        if name in case.get("args", {}):  # integer arguments of a known launch: Triton's launcher
+            attrs.pop((i,), None)  # marks those that are multiples of 16 (and only those)
+            if case["args"][name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return fn, sig, attrs
 
 
@@ -141,7 +226,7 @@ def compile_case(case: dict) -> dict:
             k = triton.compile(
                 triton.compiler.ASTSource(fn, sig, constexprs=case["const"], attrs=attrs),
                 target=GPUTarget("cuda", case["cap"], 32),
-                options={"num_warps": case["warps"], "num_stages": case["stages"]},
+                options={"num_warps": case["warps"], "num_stages": case["stages"], **case.get("options", {})},
             )
     except Exception as e:
         return {**case, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
@@ -184,25 +269,29 @@ def worker_main(argv: list[str]) -> None:
 
 
 def sample(cases: list[dict]) -> list[dict]:
-    """The default run: bf16 only; per target the elementwise kernels at FLUX widths; the attention
-    kernel at head dim 128 with its table's first entry on sm_90 (wgmma, 227 KB) and on sm_86
-    (the 99 KB limit), and the fallback tile on sm_120."""
+    """The default run: every elementwise case (all shape classes, dtypes and targets: they compile
+    in a fraction of a second each); in bf16 only, the attention kernel at head dim 128 with its
+    table's first entry on sm_90 (wgmma, 227 KB) and on sm_86 (the 99 KB limit), the fallback
+    tile on sm_120, and the attention backward's first dK/dV tile on sm_90 and dQ tile on sm_86."""
     out = []
     for c in cases:
+        if c["kernel"] in ELEMENTWISE:
+            out.append(c)
+            continue
         if c["dtype"] != "bf16":
             continue
         const = c["const"]
-        if c["kernel"] == "attention":
+        if c["kernel"] == "attention" and not const["STORE_LSE"]:
             first = const["HEAD_DIM"] == 128 and c["cap"] in (90, 86) and c["index"] == 0
             fallback = const["HEAD_DIM"] == 128 and c["cap"] == 120 and const["BLOCK_M"] == 32
             if first or fallback:
                 out.append(c)
-        elif (
-            c["cap"] in (80, 120)
-            and const.get("BLOCK_C", 0) >= 1024
-            or (c["kernel"] == "qk_norm_rope" and c["cap"] == 90 and const["HALF"] == 64 and const["NORM"])
-        ):
-            out.append(c)
+        elif c["kernel"] in ATTENTION_BACKWARD[1:] and const["HEAD_DIM"] == 128 and c["index"] == 0:
+            # the backward's first tile: dK/dV on sm_90 (227 KB), dQ on sm_86 (99 KB)
+            if (c["cap"], c["kernel"]) in ((90, "attention_bwd_dkdv"), (86, "attention_bwd_dq")):
+                out.append(c)
+        elif c["kernel"] in DEQUANT_KERNELS.values() and (c["cap"] == 90 or c["qtype"] in ("Q8_0", "Q4_K")):
+            out.append(c)  # GGUF decoding: every type on sm_90, the most downloaded two everywhere
     return out
 
 
@@ -250,9 +339,11 @@ def check(results: list[dict]) -> list[str]:
 
 
 def test_sample_compiles_and_fits():
-    results = run_worker("--sample", "--jobs", "2", "--dtypes", "bf16", timeout=600)
+    results = run_worker("--sample", "--jobs", "2", timeout=600)
     assert {r["cap"] for r in results} >= {80, 86, 90, 120}
     assert sum(r["kernel"] == "attention" for r in results) >= 3
+    elementwise = [r for r in results if r["kernel"] in ELEMENTWISE]
+    assert len(elementwise) == len(_elementwise_cases()) * len(TARGETS) * len(DTYPES)
     assert not check(results), "\n".join(check(results))
 
 
@@ -262,7 +353,8 @@ def test_every_config_on_every_target(request):
     if "slow" not in (request.config.option.markexpr or "") and os.environ.get("FLUXCORE_AOT_ALL") != "1":
         pytest.skip("the exhaustive ahead-of-time compile runs with -m slow or FLUXCORE_AOT_ALL=1")
     results = run_worker("--jobs", str(os.cpu_count() or 1))
-    assert len({(r["cap"], r["kernel"]) for r in results}) == len(TARGETS) * 5
+    kernels = 5 + len(DEQUANT_KERNELS) + len(ATTENTION_BACKWARD)
+    assert len({(r["cap"], r["kernel"]) for r in results}) == len(TARGETS) * kernels
     assert not check(results), "\n".join(check(results))
 
 

@@ -216,3 +216,34 @@ def test_t5_gguf_llama_cpp_names(tmp_path):
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         assert (model(ids) - oracle(ids)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("stored", ["F32", "F16", "BF16"])
+def test_dense_tensors_read_straight_into_the_load_dtype(stored, tmp_path, monkeypatch):
+    """Float tensors are converted a small chunk at a time while read (no stored-precision copy of
+    the whole tensor): equal to reading them whole and casting, across chunk boundaries (a chunk
+    of 96 bytes: 24 / 48 elements, neither dividing the tensor's 7·37)."""
+    from fluxcore.quant import load as L
+
+    monkeypatch.setattr(L, "_CHUNK", 96)
+    w = np.random.default_rng(5).standard_normal((7, 37)).astype(np.float32) * 300
+    path = tmp_path / "d.gguf"
+    writer = gguf.GGUFWriter(str(path), "flux")
+    data = encode(stored, w, None)
+    writer.add_tensor("x.weight", data, raw_dtype=T[stored])
+    writer.add_tensor("q.weight", encode("Q8_0", np.tile(w[:, :32], (1, 2)), None), raw_dtype=T.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensors, _ = qg.read_gguf(path)
+    whole = tensors["x.weight"].dequantize(torch.float32)
+    for dtype in (None, torch.bfloat16, torch.float16, torch.float32):
+        e = L.gguf_entries(path, dtype=dtype)
+        shape, read = e.dense["x.weight"]
+        got = read()
+        assert shape == (7, 37) and got.shape == (7, 37)
+        want = tensors["x.weight"].data.view(got.dtype).reshape(7, 37) if dtype is None else whole.to(dtype)
+        assert got.dtype == (dtype or L._FLOAT[stored])
+        assert torch.equal(got, want)
+        assert "q" in e.quant  # a quantized Linear weight stays packed whatever the dtype

@@ -218,7 +218,66 @@ def dequantize(
     raw: Tensor, qtype: int | str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """Raw GGUF bytes (uint8, any shape whose total is the tensor's byte size) → a `dtype` tensor of
-    `shape` (torch order). Decoding is in float32; the cast to `dtype` comes last."""
+    `shape` (torch order). Decoding is in float32; the cast to `dtype` comes last.
+
+    On a CUDA tensor of a type `fluxcore.kernels.dequant` covers (every block type here) the Triton
+    kernel decodes it in one pass, with the same result bit for bit; anywhere else, or without
+    triton, `dequantize_torch` does."""
+    name = type_name(qtype)
+    if name not in FLOAT_TYPES and name not in _KERNEL_BROKEN and _use_kernel(raw):
+        out = _dequantize_kernel(raw, name, shape, dtype)
+        if out is not None:
+            return out
+    return dequantize_torch(raw, name, shape, dtype)
+
+
+# Types whose kernel failed to launch on this machine: they take the PyTorch path from then on.
+_KERNEL_BROKEN: set[str] = set()
+
+
+def _use_kernel(raw: Tensor) -> bool:
+    """Whether to try the Triton kernel: CUDA tensors only (a function so tests can route
+    interpreter runs on CPU tensors through the same dispatch)."""
+    return raw.is_cuda
+
+
+def _dequantize_kernel(raw: Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+    """The Triton kernel's result, or None where it cannot run (no triton, an uncovered type or
+    dtype, or a launch that failed: that one warns once, naming the type, and is not retried)."""
+    try:
+        from fluxcore.kernels import dequant
+    except ImportError:  # triton is optional: the PyTorch decoders need nothing else
+        _KERNEL_BROKEN.update(n for n, _, _ in GGML_TYPES.values())
+        return None
+    if raw.dtype != torch.uint8:
+        raw = raw.view(torch.uint8)
+    if dequant.unsupported_reason(raw, name, dtype) is not None:
+        return None
+    numel = 1
+    for s in shape:
+        numel *= s
+    _, block, size = GGML_TYPES[TYPE_IDS[name]]
+    if raw.numel() * block != numel * size:
+        return None  # dequantize_torch raises the size error
+    try:
+        return dequant.dequantize_gguf(raw, name, dtype).reshape(shape)
+    except Exception as e:  # a GPU or driver the compiled kernel does not support
+        import warnings
+
+        _KERNEL_BROKEN.add(name)
+        warnings.warn(
+            f"the Triton GGUF {name} dequantization kernel failed ({type(e).__name__}: {str(e)[:300]}); "
+            f"{name} weights are decoded by the PyTorch path from now on",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def dequantize_torch(
+    raw: Tensor, qtype: int | str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """`dequantize` in PyTorch alone, on any device (the reference the Triton kernel equals)."""
     name = type_name(qtype)
     _, block, size = GGML_TYPES[TYPE_IDS[name]]
     raw = raw.reshape(-1)
@@ -248,12 +307,14 @@ def dequantize(
 @dataclass
 class GGUFTensor:
     """One tensor of a GGUF file: name, type name, torch-order shape, raw bytes (uint8, a view of
-    the file's memory map until copied)."""
+    the file's memory map until copied), and where those bytes start in the file (None when the
+    tensor did not come from a file)."""
 
     name: str
     qtype: str
     shape: tuple[int, ...]
     data: Tensor
+    offset: int | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.data, self.qtype, self.shape, dtype)
@@ -298,5 +359,5 @@ def read_gguf(path) -> tuple[dict[str, GGUFTensor], dict[str, object]]:
         if orig is not None:
             shape = tuple(int(s) for s in orig)
         data = torch.from_numpy(np.asarray(t.data).view(np.uint8).reshape(-1))
-        tensors[t.name] = GGUFTensor(t.name, qtype, shape, data)
+        tensors[t.name] = GGUFTensor(t.name, qtype, shape, data, int(t.data_offset))
     return tensors, meta

@@ -81,35 +81,63 @@ def _to(t: Tensor, device) -> Tensor:
     return t if device is None else t.to(device)
 
 
-def _gguf_offsets(path) -> dict[str, int]:
-    """{tensor name: file offset of its bytes} (the header only; no data page is touched)."""
-    from gguf import GGUFReader
-
-    return {t.name: int(t.data_offset) for t in GGUFReader(str(path), "r").tensors}
+_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Bytes converted at a time when a float tensor is read into another dtype (see _read_float).
+_CHUNK = 1 << 18
 
 
-def _read_bytes(path, offset: int, t: Tensor) -> Tensor:
-    """The bytes of `t` (a uint8 view of the file's memory map at `offset`) in fresh memory, by
-    plain file reads. Copying out of the mapping instead would fault every page in, and those
-    pages stay in this process's resident set while the mapping lives: every packed weight would
-    count twice at the peak."""
-    out = torch.empty(t.numel(), dtype=torch.uint8)
-    view, done = memoryview(out.numpy()), 0
+def _readinto(f, view: memoryview, path) -> None:
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise WeightsError(f"{path}: file ends inside a tensor")
+        done += n
+
+
+def _read_bytes(path, offset: int, nbytes: int) -> Tensor:
+    """`nbytes` bytes of the file at `offset`, in fresh memory, by plain file reads. Copying out of
+    the file's memory map instead would fault every page in, and those pages stay in this
+    process's resident set while the mapping lives: every packed weight would count twice at the
+    peak."""
+    out = torch.empty(nbytes, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
-        while done < len(view):
-            n = f.readinto(view[done:])
-            if not n:
-                raise WeightsError(f"{path}: file ends inside a tensor")
-            done += n
+        _readinto(f, memoryview(out.numpy()), path)
     return out
 
 
-def gguf_entries(path, rename: Callable[[str], str | None] = lambda k: k) -> Entries:
+def _read_float(path, t: _gguf.GGUFTensor, dtype: torch.dtype | None, buf: Tensor) -> Tensor:
+    """A float (F32/F16/BF16) tensor of the file as `dtype` (default: as stored). Converted a chunk
+    at a time through `buf` (uint8, reused for every tensor of a load), so the stored-precision
+    copy of a large tensor (the F16 txt_in of a bf16 load) never exists next to the converted one,
+    and no large temporary is freed: glibc raises its mmap threshold to the size of a freed
+    mapping, after which the packed weights come from the heap and its holes stay resident."""
+    src = _FLOAT[t.qtype]
+    if dtype is None or dtype == src:
+        return _read_bytes(path, t.offset, t.data.numel()).view(src).reshape(t.shape)
+    out = torch.empty(t.shape, dtype=dtype).reshape(-1)
+    size = src.itemsize
+    step = buf.numel() // size
+    with open(path, "rb", buffering=0) as f:
+        f.seek(t.offset)
+        for start in range(0, out.numel(), step):
+            n = min(step, out.numel() - start)
+            _readinto(f, memoryview(buf.numpy())[: n * size], path)
+            out[start : start + n] = buf[: n * size].view(src)
+    return out.reshape(t.shape)
+
+
+def gguf_entries(
+    path, rename: Callable[[str], str | None] = lambda k: k, dtype: torch.dtype | None = None
+) -> Entries:
+    """Entries of a .gguf file. `dtype`: what the dense (float or dequantized) tensors are read
+    as, where the caller knows it (saves a full-size copy per tensor); None keeps float tensors
+    as stored and decodes quantized ones to float32."""
     tensors, _meta = _gguf.read_gguf(path)
-    offsets = _gguf_offsets(path)
     prefix = _prefix(tensors)
     e = Entries(str(path), "gguf")
+    chunk = torch.empty(_CHUNK, dtype=torch.uint8)  # the conversion buffer of _read_float
     for name, t in tensors.items():
         if not name.startswith(prefix):
             continue
@@ -118,20 +146,18 @@ def gguf_entries(path, rename: Callable[[str], str | None] = lambda k: k) -> Ent
             continue
         if t.qtype not in _gguf.FLOAT_TYPES and key.endswith(".weight") and len(t.shape) == 2:
 
-            def make(bias, device, t=t, offset=offsets[name]):
-                raw = _read_bytes(path, offset, t.data)
+            def make(bias, device, t=t):
+                raw = _read_bytes(path, t.offset, t.data.numel())
                 return GGUFLinear(_to(raw, device), t.qtype, t.shape, bias)
 
             e.quant[key[: -len(".weight")]] = (t.shape, make)
+        elif t.qtype in _gguf.FLOAT_TYPES:
+            e.dense[key] = (t.shape, lambda t=t: _read_float(path, t, dtype, chunk))
         else:
             e.dense[key] = (
                 t.shape,
-                lambda t=t, offset=offsets[name]: (
-                    t.dequantize(torch.float32)
-                    if t.qtype not in _gguf.FLOAT_TYPES
-                    else _read_bytes(path, offset, t.data)
-                    .view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.qtype])
-                    .reshape(t.shape)
+                lambda t=t: _gguf.dequantize(
+                    _read_bytes(path, t.offset, t.data.numel()), t.qtype, t.shape, dtype or torch.float32
                 ),
             )
     return e
@@ -217,7 +243,8 @@ def safetensors_entries(
     return e
 
 
-def entries(path, **kw) -> Entries:
+def entries(path, dtype: torch.dtype | None = None, **kw) -> Entries:
+    """Entries of any quantized file; `dtype` (GGUF only) as in `gguf_entries`."""
     fmt = detect_format(path)
     if fmt is None:
         raise WeightsError(
@@ -226,7 +253,7 @@ def entries(path, **kw) -> Entries:
         )
     if fmt == "gguf":
         kw.pop("mark", None)
-        return gguf_entries(path, **kw)
+        return gguf_entries(path, dtype=dtype, **kw)
     return safetensors_entries(path, **kw)
 
 
@@ -327,15 +354,14 @@ def load_quantized_flux(
     Returns an eval-mode Flux with `.source` and `.quant_format` set."""
     from fluxcore.weights.flux_config import infer_config
 
-    e = entries(source)
+    # dense tensors are read straight into `dtype` (fill would convert them to it anyway): no
+    # stored-precision copy of each beside the converted one
+    e = entries(source, dtype=dtype)
     # The input embedders and the final layer stay dense even where a file quantized them: they
     # are tiny, and Flux.forward reads the model's dtype from img_in.weight.
     for path in [p for p in e.quant if p.split(".")[0] in _DENSE_TOP]:
         shape, make = e.quant.pop(path)
-        e.dense[path + ".weight"] = (
-            shape,
-            lambda make=make: make(None, None).dequantized_weight(torch.float32),
-        )
+        e.dense[path + ".weight"] = (shape, lambda make=make: make(None, None).dequantized_weight(dtype))
     try:
         if config is None:
             config = infer_config(e.shapes(), source=e.source)
@@ -390,7 +416,7 @@ def load_quantized_t5(source, *, device=None, dtype: torch.dtype = torch.bfloat1
     from fluxcore.text import T5Config, T5Encoder
 
     if _gguf.is_gguf(source):
-        e = gguf_entries(source, rename=t5_gguf_name)
+        e = gguf_entries(source, rename=t5_gguf_name, dtype=dtype)  # fill casts dense tensors to it
     else:
 
         def hf(k):
