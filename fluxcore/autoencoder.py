@@ -380,14 +380,15 @@ class AutoEncoder(nn.Module):
     # not tiled.
     #
     # GroupNorm normalises over the whole image, so a tile normalised on its own statistics drifts
-    # in colour and contrast. Decoding with `shared_norm=True` (the default) avoids that: the
-    # latent-resolution part (conv_in and the mid block with its attention, small) runs untiled,
-    # then all tiles advance through the upsampling path together, one step at a time, and every
-    # GroupNorm uses statistics gathered over the whole image (each pixel counted once, from the
-    # tile that owns it). Away from seams the result then equals the untiled decode up to the
-    # tiles' zero padding; between steps the tiles' activations wait on the CPU when the decoder
-    # is on a GPU (host memory about one full-resolution activation). `shared_norm=False` and
-    # tiled encoding normalise per tile (the usual tiled VAE: the least memory anywhere).
+    # in colour and contrast. Decoding with `shared_norm=True` (the default) avoids that by not
+    # tiling the network but each layer: the latent-resolution part (conv_in and the mid block with
+    # its attention, small) runs whole; every later 3×3 convolution runs over non-overlapping
+    # blocks of the whole image with a one-pixel halo, and every GroupNorm uses statistics summed
+    # over the blocks. The result is the untiled decode's (no seams, `tile_overlap` unused); the
+    # device holds one block's activations and the whole images between layers (about three
+    # full-resolution activations) wait in host memory when the decoder is on a GPU.
+    # `shared_norm=False` and tiled encoding run the whole network per overlapping tile and
+    # normalise per tile (the usual tiled VAE: the least memory anywhere, visible drift).
 
     def enable_tiling(
         self, tile_sample_size: int | None = None, tile_overlap: float | None = None, shared_norm: bool = True
@@ -422,7 +423,7 @@ class AutoEncoder(nn.Module):
         if not self.use_tiling:
             return self.decoder(z)
         tile = self.tile_sample_size // self.config.downsample_factor
-        if getattr(self, "shared_norm", True) and not any(len(level.attn) for level in self.decoder.up):
+        if getattr(self, "shared_norm", True) and self._shared_norm_ok():
             return self._decode_shared_norm(z, tile)
         return self._tiled(self.decoder, z, tile, self.config.downsample_factor)
 
@@ -475,76 +476,104 @@ class AutoEncoder(nn.Module):
         outs = [[net(x[..., t : t + tile, l : l + tile]) for l in cols] for t in rows]
         return self._blend(outs, rows, cols, tile, H, W, scale).to(x.dtype)
 
-    def _decode_shared_norm(self, z: Tensor, tile: int) -> Tensor:
+    def _shared_norm_ok(self) -> bool:
+        """The exact tiled decode reaches into the upsampling path's layers: only for the modules
+        it knows (a swapped-in block or norm gets the per-tile decode, which calls the modules)."""
         dec = self.decoder
-        h = dec.mid(dec.conv_in(z)).to(dec.conv_out.weight.dtype)  # latent resolution: untiled
-        H, W = h.shape[-2:]
-        if H <= tile and W <= tile:
+        if type(dec.norm_out) is not nn.GroupNorm or type(dec.conv_out) is not nn.Conv2d:
+            return False
+        for level in dec.up:
+            if len(level.attn) or any(type(b) is not ResnetBlock for b in level.block):
+                return False
+            parts = [(type(b.norm1), type(b.norm2), type(b.conv1), type(b.conv2)) for b in level.block]
+            if any(p != (nn.GroupNorm, nn.GroupNorm, nn.Conv2d, nn.Conv2d) for p in parts):
+                return False
+            up = getattr(level, "upsample", None)
+            if up is not None and (type(up) is not Upsample or type(up.conv) is not nn.Conv2d):
+                return False
+        return True
+
+    def _decode_shared_norm(self, z: Tensor, tile: int) -> Tensor:
+        """The untiled decode computed block by block. The latent-resolution part (conv_in, mid
+        block with attention) runs whole. Each later layer reads the whole image from the store
+        (host memory when the decoder is on a GPU) in non-overlapping blocks with a one-pixel halo
+        (zeros at the image border, as the convolution's padding), runs on the device, and writes
+        its block of the next whole image; GroupNorm statistics are summed (float64) over the
+        blocks as they are written. So the result is the untiled decode's, with no seams, while
+        the device holds one block's activations and the store about three whole images."""
+        dec = self.decoder
+        dev, dtype = z.device, dec.conv_out.weight.dtype
+        h = dec.mid(dec.conv_in(z)).to(dtype)
+        if max(h.shape[-2:]) <= tile:
             return dec(z)
-        rows, cols = self._grid(H, tile), self._grid(W, tile)
-        store = torch.device("cpu") if h.device.type != "cpu" else h.device
-        dev = h.device
+        store = torch.device("cpu") if dev.type != "cpu" else dev
+        groups = dec.norm_out.num_groups
 
-        def owned(starts, n):  # per tile, the [a, b) of the axis it counts in the statistics
-            cuts = [(starts[i + 1] + starts[i] + min(tile, n)) // 2 for i in range(len(starts) - 1)]
-            return list(zip([0, *cuts], [*cuts, n]))
+        def stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
+            part = x.double().reshape(x.shape[0], groups, -1)
+            return part.sum(-1), (part * part).sum(-1), part.shape[-1]
 
-        own_r, own_c = owned(rows, H), owned(cols, W)
-        xs = [[h[..., t : t + tile, l : l + tile].to(store) for l in cols] for t in rows]
-        scale = 1
-
-        def each(fn, *grids):
-            return [
-                [fn(*(g[i][j].to(dev) for g in grids)).to(store) for j in range(len(cols))]
-                for i in range(len(rows))
-            ]
-
-        def norm(gn: nn.GroupNorm, grid):
-            G = gn.num_groups
-            total = sq = count = 0
-            for i, (a, b) in enumerate(own_r):
-                for j, (c, d) in enumerate(own_c):
-                    x = grid[i][j].to(dev)
-                    r0, c0 = (a - rows[i]) * scale, (c - cols[j]) * scale
-                    part = x[..., r0 : r0 + (b - a) * scale, c0 : c0 + (d - c) * scale].double()
-                    part = part.reshape(part.shape[0], G, -1)
-                    total = total + part.sum(-1)
-                    sq = sq + (part * part).sum(-1)
-                    count += part.shape[-1]
+        def norm_swish(gn: nn.GroupNorm, st):
+            total, sq, count = st
             mean = total / count
             rstd = torch.rsqrt((sq / count - mean * mean).clamp(min=0) + gn.eps)
 
-            def apply(x):
+            def apply(x: Tensor) -> Tensor:
                 B, C = x.shape[:2]
-                y = (x.double().reshape(B, G, -1) - mean[..., None]) * rstd[..., None]
+                y = (x.double().reshape(B, groups, -1) - mean[..., None]) * rstd[..., None]
                 y = (
                     y.reshape(x.shape).float() * gn.weight.float()[:, None, None]
                     + gn.bias.float()[:, None, None]
                 )
-                return y.to(x.dtype)
+                return swish(y.to(x.dtype))
 
-            return each(apply, grid)
+            return apply
 
+        def layer(src: Tensor, conv: nn.Conv2d, pre=None, up: bool = False, skip=None, out=None):
+            """out = conv(pre(src)) (after a 2× nearest upsample if `up`) + fn(the same block of
+            image) for skip = (fn, image), block by block; returns (out, statistics of out)."""
+            B, _, H, W = src.shape
+            f = 2 if up else 1
+            if out is None:
+                out = torch.empty(B, conv.out_channels, H * f, W * f, dtype=src.dtype, device=store)
+            acc = None
+            for r0 in range(0, H, tile):
+                r1 = min(r0 + tile, H)
+                for c0 in range(0, W, tile):
+                    c1 = min(c0 + tile, W)
+                    a, b, c, d = max(r0 - 1, 0), min(r1 + 1, H), max(c0 - 1, 0), min(c1 + 1, W)
+                    x = src[..., a:b, c:d].to(dev)
+                    if pre is not None:
+                        x = pre(x)
+                    # one pixel of halo on each side at the output resolution; zeros outside
+                    pad = [int(c0 == 0), int(c1 == W), int(r0 == 0), int(r1 == H)]
+                    if up:
+                        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                        x = x[
+                            ..., 1 - pad[2] : x.shape[-2] - 1 + pad[3], 1 - pad[0] : x.shape[-1] - 1 + pad[1]
+                        ]
+                    y = F.conv2d(F.pad(x, pad), conv.weight, conv.bias)
+                    if skip is not None:
+                        y = y + skip[0](skip[1][..., r0:r1, c0:c1].to(dev))
+                    st = stats(y)
+                    acc = st if acc is None else (acc[0] + st[0], acc[1] + st[1], acc[2] + st[2])
+                    out[..., r0 * f : r1 * f, c0 * f : c1 * f] = y.to(out.device)
+            return out, acc
+
+        x, st = h.to(store), stats(h)
+        del h
         for level in reversed(dec.up):
             for block in level.block:
-                hs = norm(block.norm1, xs)
-                hs = each(lambda a, blk=block: blk.conv1(swish(a)), hs)
-                hs = norm(block.norm2, hs)
-                hs = each(lambda a, blk=block: blk.conv2(swish(a)), hs)
-                xs = each(
-                    lambda x, y, blk=block: (
-                        (blk.nin_shortcut(x) if blk.in_channels != blk.out_channels else x) + y
-                    ),
-                    xs,
-                    hs,
-                )
+                hs, hst = layer(x, block.conv1, norm_swish(block.norm1, st))
+                shortcut = block.nin_shortcut if block.in_channels != block.out_channels else nn.Identity()
+                x, st = layer(hs, block.conv2, norm_swish(block.norm2, hst), skip=(shortcut, x))
+                del hs
             if hasattr(level, "upsample"):
-                xs = each(level.upsample, xs)
-                scale *= 2
-        xs = norm(dec.norm_out, xs)
-        xs = each(lambda a: dec.conv_out(swish(a)), xs)
-        outs = [[x.to(dev) for x in row] for row in xs]
-        return self._blend(outs, rows, cols, tile, H, W, scale).to(h.dtype)
+                x, st = layer(x, level.upsample.conv, up=True)
+                tile *= 2  # blocks keep their share of the image: as many pixels per block as before ×4
+        out = torch.empty(x.shape[0], dec.conv_out.out_channels, *x.shape[-2:], dtype=x.dtype, device=dev)
+        out, _ = layer(x, dec.conv_out, norm_swish(dec.norm_out, st), out=out)
+        return out
 
     @property
     def dtype(self) -> torch.dtype:

@@ -196,8 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a LoRA on a folder of captioned images (fluxcore train-lora -h)",
         add_help=False,
     )
-    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/gpu_suite.sh; source checkouts)")
-    b.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, end to end")
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark or the whole suite (source checkouts: benchmarks/)",
+        description="Run one benchmark of benchmarks/ (its own options follow the name; "
+        "`fluxcore bench NAME --help` lists them), or the whole GPU suite (benchmarks/gpu_suite.sh). "
+        "Each writes a table and JSON under benchmarks/results/.",
+    )
+    b.add_argument("which", nargs="?", default="suite", choices=sorted(BENCHMARKS), metavar="NAME",
+                   help="one of: " + ", ".join(sorted(BENCHMARKS)) + " (default suite)")  # fmt: skip
+    b.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, end to end (suite, cache, "
+                   "cpu-ratios, pipeline, vae-memory)")  # fmt: skip
+    b.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark")
     i = sub.add_parser("info", help="describe a checkpoint file or folder (headers only)")
     i.add_argument("path")
     i.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -594,15 +604,32 @@ def _cache_spec(text: str) -> str:
     return text
 
 
+# name → (script under benchmarks/, fixed arguments); the user's options follow
+BENCHMARKS = {
+    "suite": ("gpu_suite.sh", []),
+    "kernels": ("kernels.py", []),
+    "step": ("step.py", []),
+    "load": ("load.py", []),
+    "pipeline": ("cpu_ratios.py", ["--parts", "pipeline"]),
+    "cpu-ratios": ("cpu_ratios.py", []),
+    "cache": ("cache.py", []),
+    "compile": ("compile.py", []),
+    "vae-memory": ("vae_memory.py", []),
+}
+
+
 def _bench(args) -> int:
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    name, fixed = BENCHMARKS[args.which]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / name
     if not script.is_file():
         raise _UsageError(
             f"fluxcore: {script} not found: the benchmarks ship with the source checkout, not the wheel"
         )
-    return subprocess.call(["bash", str(script), *(["--smoke"] if args.smoke else [])])
+    runner = ["bash"] if name.endswith(".sh") else [sys.executable]
+    smoke = ["--smoke"] if args.smoke else []
+    return subprocess.call([*runner, str(script), *fixed, *smoke, *args.options])
 
 
 def main(argv: list[str] | None = None) -> int:

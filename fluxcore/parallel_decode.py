@@ -13,8 +13,9 @@ Everything else decodes whole on every rank (`ae.decode`), unchanged:
 - tiling off: GroupNorm normalises over the whole image, so a decoder split into pieces would need
   every GroupNorm's statistics reduced across ranks — a collective per norm layer for a stage that
   is a small part of a FLUX call; a full decode per rank is simpler and exact.
-- `shared_norm=True` (the default tiling): the tiles share GroupNorm statistics, gathered over all
-  tiles at every norm layer, so tiles are not independent (same reason).
+- `shared_norm=True` (the default tiling): every layer runs in blocks that share GroupNorm
+  statistics, gathered over all blocks at every norm layer, so blocks are not independent (same
+  reason).
 - an image no larger than one tile.
 """
 
@@ -44,7 +45,7 @@ def splits_tiles(ae) -> bool:
     """Whether `ae.decode` decodes independent tiles (what `decode_across_ranks` can split)."""
     if not ae.use_tiling:
         return False
-    shared = getattr(ae, "shared_norm", True) and not any(len(level.attn) for level in ae.decoder.up)
+    shared = getattr(ae, "shared_norm", True) and ae._shared_norm_ok()
     return not shared
 
 

@@ -48,3 +48,18 @@ def test_cache_quality_smoke(tmp_path):
     assert {"color+position", "shape"} <= set(tiny[0])
     assert tiny[0]["cache"] == "none" and tiny[0]["shape"] == 1.0
     assert {r["model"] for r in rows} == {"tiny", "mid"}
+
+
+def test_bench_command_runs_one_benchmark(tmp_path):
+    """`fluxcore bench NAME [options]` runs benchmarks/NAME's script with the options after it."""
+    out = tmp_path / "vae.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fluxcore", "bench", "vae-memory", "--smoke", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["size"], r["mode"]) for r in rows] == [(128, "untiled"), (256, "tiled"), (256, "tiled-shared")]
+    assert all(r["finite"] and r["peak_bytes"] >= 0 and r["plan_decode_activations"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "fluxcore", "bench", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr and "Traceback" not in bad.stderr
