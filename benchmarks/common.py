@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fluxcore.atomic import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -133,7 +135,10 @@ def write_json(name: str, env: dict, config: dict, rows: list[dict], out: str | 
     slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-") or "unknown"
     path = Path(out) if out else RESULTS / f"{name}-{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "config": config, "results": rows}, indent=2) + "\n")
+    # atomic: an interrupted run leaves the previous result, never half a file
+    atomic_write_text(
+        path, json.dumps({"environment": env, "config": config, "results": rows}, indent=2) + "\n"
+    )
     return path
 
 

@@ -43,6 +43,7 @@ import torch
 from common import RESULTS, environment, print_table
 
 from fluxcore import PRESETS, Flux, FluxConfig, info, save_flux
+from fluxcore.atomic import atomic_write_text
 from fluxcore.weights import load_into, write_safetensors
 
 CHILD = textwrap.dedent(
@@ -261,8 +262,9 @@ def main() -> None:
     path = Path(args.out) if args.out else RESULTS / f"load_{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {"size_gb": args.size_gb, "repeat": args.repeat, "device": args.device, "flux_config": vars(cfg)}
-    path.write_text(
-        json.dumps({"environment": env, "config": config, "results": rows}, indent=2, default=str) + "\n"
+    atomic_write_text(
+        path,
+        json.dumps({"environment": env, "config": config, "results": rows}, indent=2, default=str) + "\n",
     )
     print(f"wrote {path}")
 

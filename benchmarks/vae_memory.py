@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,7 +65,9 @@ def measure(preset: str, size: int, mode: str, tile: int) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny autoencoder, small images")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/vae_memory[-smoke]-<device>.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/vae_memory[-smoke]-<device>.json)"
+    )
     args = p.parse_args(argv)
     import torch
 
@@ -76,7 +77,13 @@ def main(argv=None) -> None:
         preset, tile, runs = "tiny", 64, [(128, "untiled"), (256, "tiled"), (256, "tiled-shared")]
     else:
         preset, tile = "flux", 512
-        runs = [(1024, "untiled"), (1024, "tiled"), (1024, "tiled-shared"), (2048, "tiled"), (2048, "tiled-shared")]
+        runs = [
+            (1024, "untiled"),
+            (1024, "tiled"),
+            (1024, "tiled-shared"),
+            (2048, "tiled"),
+            (2048, "tiled-shared"),
+        ]
     rows = []
     for size, mode in runs:
         m = measure(preset, size, mode, tile)

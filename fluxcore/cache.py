@@ -267,7 +267,9 @@ class _Trunk:
         # The same txt may repeat a t (a second-order sampler); a new txt at a repeated t is
         # another conditioning (the uncond half of CFG), so it starts its own trajectory.
         # Newest first for the same txt: a finished generation's last t may equal this one's.
-        found = next((k for k, s in reversed(self.slots.items()) if s.txt() is txt and continues(s, True)), None)
+        found = next(
+            (k for k, s in reversed(self.slots.items()) if s.txt() is txt and continues(s, True)), None
+        )
         if found is None:
             found = next((k for k, s in self.slots.items() if continues(s, False)), None)
         slot = self.slots.pop(found) if found is not None else _Slot(shapes=shapes)

@@ -14,8 +14,10 @@ Estimates, not measurements (docs/memory.md states every term):
   sample), plus one dequantized weight of the largest Linear (with its decode temporaries) for
   quantized formats.
 - text encoding: T5-XXL + CLIP-L weights (bf16, fp8 or GGUF Q8_0 as `text_quant` says) and their
-  activations; decode: VAE weights and about 6 full-resolution [B, 128, H, W] activations
-  (tiling: one tile's worth plus the float32 output and blending buffers).
+  activations; decode: the float32 VAE (the pipeline decodes in float32) and about 8
+  full-resolution [B, 128, H, W] float32 activations (tiling: one tile's worth on the device plus
+  the output; the default shared-statistics tiling keeps about 3 full-resolution activations in
+  host memory between layers).
 - offload: "none" (everything resident), "model" (one component at a time on the device, the
   rest in host memory), "group" (block-level group offload with a prefetch stream: the
   non-block weights + 2 blocks resident), "sequential" (leaf level: the largest Linear).
@@ -49,7 +51,11 @@ def act_bytes_per_element(act_bytes: int) -> int:
     return 31 * act_bytes + 4 * (4 - act_bytes)
 
 
-VAE_ACT = 6  # live full-resolution [B, 128, H, W] tensors in the decoder
+# Live full-resolution [B, 128, H, W] float32 tensors at the decoder's peak: measured 4.01 GiB
+# for an untiled 1024² decode of the full-size autoencoder on the CPU (benchmarks/vae_memory.py).
+VAE_ACT = 8
+VAE_STORE = 3  # whole full-resolution activations the shared-statistics tiled decode keeps (host)
+VAE_BYTES = 335_000_000  # the autoencoder in float32 (83.8 M parameters)
 GB = 1e9
 
 
@@ -193,18 +199,20 @@ def plan(
         sampling_weights = w["outside"] + 2 * w["block"]
     else:
         sampling_weights = int(w["largest_linear"] * BITS[quant] / 8) * 2
-    t5, clip, vae = _t5_bytes(text_quant), 246_000_000, 168_000_000
+    t5, clip, vae = _t5_bytes(text_quant), 246_000_000, VAE_BYTES
     t5_act = (
         max_sequence_length * B * (3 * 10240 + 8 * 4096) * act_bytes + B * 64 * max_sequence_length**2 * 4
     )
     text_weights = {"none": t5 + clip, "model": t5, "group": 2 * t5 // 24, "sequential": 2 * 4096 * 10240}[
         offload
     ]
-    if vae_tiling:
-        side = min(tile_sample_size, max(height, width))
-        vae_act = VAE_ACT * B * 128 * side * side * act_bytes + 3 * 4 * B * 3 * height * width
+    vae_store = 0  # host bytes of the tiled decode's whole-image activations
+    if vae_tiling and max(height, width) > tile_sample_size:
+        side = tile_sample_size
+        vae_act = VAE_ACT * B * 128 * side * side * 4 + 3 * 4 * B * 3 * height * width
+        vae_store = VAE_STORE * B * 128 * height * width * 4
     else:
-        vae_act = VAE_ACT * B * 128 * height * width * act_bytes
+        vae_act = VAE_ACT * B * 128 * height * width * 4
     latents = 4 * B * 16 * (height // 8) * (width // 8) * 4
     everything = w["total"] + t5 + clip + vae
     resident = everything if offload == "none" else 0
@@ -230,7 +238,9 @@ def plan(
     if "decode" in include:
         dev = (resident or vae) + vae_act + overhead
         stages["decode"] = Stage(
-            int(dev), everything - (resident or vae), {"weights": resident or vae, "activations": vae_act}
+            int(dev),
+            everything - (resident or vae) + vae_store,
+            {"weights": resident or vae, "activations": vae_act, "host_activations": vae_store},
         )
     p = MemoryPlan(config, quant, height, width, batch, offload, stages)
     if max_memory is not None and p.peak_device > parse_bytes(max_memory):

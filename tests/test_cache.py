@@ -163,7 +163,15 @@ def test_inputs_rebuilt_every_call_keep_their_trajectories(setup):
                     fresh = {k: v.clone() for k, v in c.items()}
                     kept.append(fresh)
                     t = ts[i].expand(noise.shape[0]).clone()
-                    v = model(xs[j], fresh["img_ids"], fresh["txt"], fresh["txt_ids"], t, fresh["y"], fresh["guidance"])
+                    v = model(
+                        xs[j],
+                        fresh["img_ids"],
+                        fresh["txt"],
+                        fresh["txt_ids"],
+                        t,
+                        fresh["y"],
+                        fresh["guidance"],
+                    )
                     xs[j] = xs[j] + (ts[i + 1] - ts[i]) * v
     finally:
         h.remove()

@@ -191,9 +191,21 @@ def test_t5_gguf_llama_cpp_names(tmp_path):
     ref = T5Encoder(cfg).eval()
     hf_to_gguf = {}
     for i in range(cfg.num_layers):
-        for short in ("attn_q", "attn_k", "attn_v", "attn_o", "attn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_norm"):
+        for short in (
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_o",
+            "attn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+            "ffn_norm",
+        ):
             hf_to_gguf[t5_gguf_name(f"enc.blk.{i}.{short}.weight")] = f"enc.blk.{i}.{short}.weight"
-    hf_to_gguf["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = "enc.blk.0.attn_rel_b.weight"
+    hf_to_gguf["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+        "enc.blk.0.attn_rel_b.weight"
+    )
     hf_to_gguf["shared.weight"] = "token_embd.weight"
     hf_to_gguf["encoder.final_layer_norm.weight"] = "enc.output_norm.weight"
     sd = ref.state_dict()
@@ -206,8 +218,15 @@ def test_t5_gguf_llama_cpp_names(tmp_path):
         kind = "Q8_0" if w.ndim == 2 and w.shape[1] % 32 == 0 and "relative" not in key else "F32"
         data = encode(kind, w, None)
         writer.add_tensor(name, data, raw_dtype=T[kind])
-        dense[key] = torch.from_numpy(gguf.quants.dequantize(data, T[kind]).astype(np.float32)).reshape(w.shape)
-    for f in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        dense[key] = torch.from_numpy(gguf.quants.dequantize(data, T[kind]).astype(np.float32)).reshape(
+            w.shape
+        )
+    for f in (
+        writer.write_header_to_file,
+        writer.write_kv_data_to_file,
+        writer.write_tensors_to_file,
+        writer.close,
+    ):
         f()
     model = load_quantized_t5(path, dtype=torch.float32)
     assert isinstance(model.encoder.block[1].layer[0].SelfAttention.q, GGUFLinear)

@@ -126,7 +126,9 @@ def lora_tensors(model: Flux, rank=4, seed=3) -> dict[str, torch.Tensor]:
 def test_live_lora_on_every_quantized_base(kind, tmp_path):
     model = quantized_base(kind, tmp_path)
     packed = {p: m for p, m in model.named_modules() if isinstance(m, QuantLinear)}
-    assert {"double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "double_blocks.1.txt_mod.lin"} <= set(packed)
+    assert {"double_blocks.0.img_attn.qkv", "single_blocks.1.linear1", "double_blocks.1.txt_mod.lin"} <= set(
+        packed
+    )
     dense = dense_twin(model)
     x = inputs()
     with torch.no_grad():
