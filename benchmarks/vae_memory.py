@@ -57,8 +57,9 @@ def measure(preset: str, size: int, mode: str, tile: int) -> dict:
     r = subprocess.run(
         [sys.executable, "-c", CHILD, preset, str(size), mode, str(tile)], capture_output=True, text=True
     )
-    if r.returncode != 0:
-        raise SystemExit(f"decode {preset} {size}² {mode} failed:\n{r.stderr[-2000:]}")
+    if r.returncode != 0:  # e.g. killed for memory: recorded, and the other cases still run
+        why = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode} (killed: out of memory?)"]
+        return {"error": why[0][:300]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
             (2048, "tiled"),
             (2048, "tiled-shared"),
         ]
+    config = {"preset": preset, "tile_sample_size": tile, "tile_overlap": 0.25, "dtype": "float32"}
+    name = "vae_memory-smoke" if args.smoke else "vae_memory"
     rows = []
     for size, mode in runs:
         m = measure(preset, size, mode, tile)
@@ -92,11 +95,14 @@ def main(argv=None) -> None:
         rows.append({"preset": preset, "size": size, "mode": mode, "tile": tile, **m,
                      "plan_decode_activations": est.stages["decode"].detail["activations"]})  # fmt: skip
         r = rows[-1]
-        print(f"{size}² {mode:13s} peak {r['peak_bytes'] / 2**30:6.2f} GiB  {r['seconds']:7.1f} s  "
-              f"plan activations {r['plan_decode_activations'] / 2**30:6.2f} GiB", flush=True)  # fmt: skip
-    config = {"preset": preset, "tile_sample_size": tile, "tile_overlap": 0.25, "dtype": "float32"}
-    name = "vae_memory-smoke" if args.smoke else "vae_memory"
-    print("wrote", write_json(name, environment(torch.device("cpu")), config, rows, args.out))
+        if "error" in r:
+            print(f"{size}² {mode:13s} failed: {r['error']}", flush=True)
+        else:
+            print(f"{size}² {mode:13s} peak {r['peak_bytes'] / 2**30:6.2f} GiB  {r['seconds']:7.1f} s  "
+                  f"plan activations {r['plan_decode_activations'] / 2**30:6.2f} GiB", flush=True)  # fmt: skip
+        # written after every case, so a long run keeps what it measured
+        path = write_json(name, environment(torch.device("cpu")), config, rows, args.out)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

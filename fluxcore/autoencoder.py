@@ -195,9 +195,24 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (rearrange(p(h), "b c h w -> b 1 (h w) c") for p in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)
+        h = chunked_attention(q, k, v)
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W)
         return x + self.proj_out(h)
+
+
+# Query rows per attention call: at most 2^26 scores (256 MB in float32) per call. A 2048² image
+# has 65536 latent positions, and a kernel that materialises the scores (SDPA on the CPU, the math
+# backend) would need 17 GB for them at once.
+_MAX_SCORES = 1 << 26
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ/√C) v for [B, 1, L, C] tensors, in chunks of query rows (each row's softmax is
+    its own, so the chunks compute exactly the rows of the whole); one call when L² is small."""
+    rows = max(1, _MAX_SCORES // k.shape[-2])
+    if q.shape[-2] <= rows:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(c, k, v) for c in q.split(rows, dim=-2)], dim=-2)
 
 
 class Downsample(nn.Module):

@@ -95,6 +95,8 @@ PEAK = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from fluxcore import AE_PRESETS, AutoEncoder
+    import fluxcore.autoencoder
+    fluxcore.autoencoder._MAX_SCORES = 1 << 20  # keep the mid block's attention scores out of the peaks
     def status(key):
         for line in open("/proc/self/status"):
             if line.startswith(key):
@@ -104,8 +106,8 @@ PEAK = textwrap.dedent("""
     with torch.no_grad():
         ae.decode(torch.randn(1, 16, 8, 8))  # one-time setup outside the measurement
     z = torch.randn(1, 16, 80, 80)
-    if sys.argv[1] == "tiled":
-        ae.enable_tiling(tile_sample_size=256, shared_norm=False)
+    if sys.argv[1] != "untiled":
+        ae.enable_tiling(tile_sample_size=256, shared_norm=sys.argv[1] == "shared")
     base = status("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
@@ -128,8 +130,30 @@ def test_tiling_bounds_peak_memory():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     """640x640 output: untiled peak (decoder activations at full resolution) vs tiled peak
     (one 256-px tile's activations + the output and its weights)."""
-    untiled, tiled = _peak_kib("untiled"), _peak_kib("tiled")
+    untiled, tiled, shared = _peak_kib("untiled"), _peak_kib("tiled"), _peak_kib("shared")
     out_kib = 3 * 640 * 640 * 4 // 1024 * 3  # output + float32 accumulator + weight map, roughly
-    print(f"peak RSS delta: untiled {untiled} KiB, tiled {tiled} KiB")
+    print(f"peak RSS delta: untiled {untiled} KiB, tiled {tiled} KiB, shared statistics {shared} KiB")
+    # shared statistics: whole-image activations between layers (the store), one block's inside
+    assert shared < 0.75 * untiled, (shared, untiled)
     assert tiled < 0.5 * untiled, (tiled, untiled)
     assert tiled < out_kib + 0.25 * untiled, (tiled, untiled)
+
+
+def test_mid_block_attention_in_query_chunks(monkeypatch):
+    """The latent-resolution attention runs in chunks of query rows when L² is large; each row's
+    softmax is its own, so the result is the one-call result."""
+    import fluxcore.autoencoder as A
+
+    ae = tiny_ae()
+    z = torch.randn(1, 16, 24, 20, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = ae.decode(z)
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(A, "_MAX_SCORES", 480 * 100)  # 100 query rows of 480 per call
+        monkeypatch.setattr(
+            A.F, "scaled_dot_product_attention", lambda q, k, v: calls.append(q.shape) or sdpa(q, k, v)
+        )
+        out = ae.decode(z)
+    assert [c[-2] for c in calls] == [100, 100, 100, 100, 80]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
