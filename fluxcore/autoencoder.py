@@ -525,22 +525,26 @@ class AutoEncoder(nn.Module):
         groups = dec.norm_out.num_groups
 
         def stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
-            part = x.double().reshape(x.shape[0], groups, -1)
-            return part.sum(-1), (part * part).sum(-1), part.shape[-1]
+            part = x.float().reshape(x.shape[0], groups, -1)  # sums in float64, no float64 copy
+            return (
+                part.sum(-1, dtype=torch.float64),
+                (part * part).sum(-1, dtype=torch.float64),
+                part.shape[-1],
+            )
 
         def norm_swish(gn: nn.GroupNorm, st):
+            # GroupNorm as one per-channel affine map y = x·a + b, a and b from the float64 sums:
+            # a block needs one float32 temporary, not a float64 copy per step
             total, sq, count = st
             mean = total / count
             rstd = torch.rsqrt((sq / count - mean * mean).clamp(min=0) + gn.eps)
+            per = gn.num_channels // groups
+            a = rstd.repeat_interleave(per, dim=1) * gn.weight.double()  # [B, C]
+            b = gn.bias.double() - mean.repeat_interleave(per, dim=1) * a
+            a, b = a.float()[..., None, None], b.float()[..., None, None]
 
             def apply(x: Tensor) -> Tensor:
-                B, C = x.shape[:2]
-                y = (x.double().reshape(B, groups, -1) - mean[..., None]) * rstd[..., None]
-                y = (
-                    y.reshape(x.shape).float() * gn.weight.float()[:, None, None]
-                    + gn.bias.float()[:, None, None]
-                )
-                return swish(y.to(x.dtype))
+                return swish(torch.addcmul(b.to(x.device), x.float(), a.to(x.device)).to(x.dtype))
 
             return apply
 
