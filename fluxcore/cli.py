@@ -466,6 +466,7 @@ def _generate(args) -> int:
     if distributed:
         info = init_distributed(device=args.device)  # None: this rank's GPU, or the CPU
         device, main_rank = info.device, info.is_main
+    finished = False
     try:
         first = (
             args.seed if args.seed is not None else random.SystemRandom().randrange(2**32 - args.num_images)
@@ -473,12 +474,14 @@ def _generate(args) -> int:
         first = broadcast_object(first)  # one seed for every rank
         seeds = [first + k for k in range(args.num_images)]
         paths = plan_outputs(out, seeds, args.overwrite) if args.prompts is None else []  # before loading
-        return _run(
+        status = _run(
             args, model, device, dtype, width, height, seeds, paths, images_in, loras, nets, main_rank
         )
+        finished = True
+        return status
     finally:
         if distributed:
-            destroy_distributed()
+            destroy_distributed(barrier=finished)  # a failing rank must not wait for the others
 
 
 def _run(args, model, device, dtype, width, height, seeds, paths, images_in, loras, nets, main_rank) -> int:

@@ -65,9 +65,14 @@ def init_distributed(backend: str | None = None, device: str | torch.device | No
     return DistInfo(rank, world, local, device)
 
 
-def destroy_distributed() -> None:
-    """Leave the process group if there is one (call at the end of a torchrun program)."""
+def destroy_distributed(barrier: bool = True) -> None:
+    """Leave the process group if there is one (call at the end of a torchrun program). All ranks
+    meet first: a rank that tears gloo's connections down while a peer is still finishing its
+    last collective makes that peer abort ("terminate called without an active exception").
+    barrier=False (a rank leaving on an error, whose peers may never arrive) skips the meeting."""
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
