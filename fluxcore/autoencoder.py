@@ -589,7 +589,7 @@ class AutoEncoder(nn.Module):
                 del hs
             if hasattr(level, "upsample"):
                 x, st = layer(x, level.upsample.conv, up=True)
-                tile *= 2  # blocks keep their share of the image: as many pixels per block as before ×4
+                tile *= 2  # a block covers the same part of the image at twice the resolution
         out = torch.empty(x.shape[0], dec.conv_out.out_channels, *x.shape[-2:], dtype=x.dtype, device=dev)
         out, _ = layer(x, dec.conv_out, norm_swish(dec.norm_out, st), out=out)
         return out

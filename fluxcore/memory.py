@@ -16,7 +16,7 @@ Estimates, not measurements (docs/memory.md states every term):
 - text encoding: T5-XXL + CLIP-L weights (bf16, fp8 or GGUF Q8_0 as `text_quant` says) and their
   activations; decode: the float32 VAE (the pipeline decodes in float32) and about 8
   full-resolution [B, 128, H, W] float32 activations (tiling: one tile's worth on the device plus
-  the output; the default shared-statistics tiling keeps about 3 full-resolution activations in
+  the output; the default shared-statistics tiling keeps about 4 full-resolution activations in
   host memory between layers).
 - offload: "none" (everything resident), "model" (one component at a time on the device, the
   rest in host memory), "group" (block-level group offload with a prefetch stream: the
@@ -54,7 +54,10 @@ def act_bytes_per_element(act_bytes: int) -> int:
 # Live full-resolution [B, 128, H, W] float32 tensors at the decoder's peak: measured 4.01 GiB
 # for an untiled 1024² decode of the full-size autoencoder on the CPU (benchmarks/vae_memory.py).
 VAE_ACT = 8
-VAE_STORE = 3  # whole full-resolution activations the shared-statistics tiled decode keeps (host)
+# Whole full-resolution 128-channel activations the shared-statistics tiled decode keeps (host): the
+# first block at full resolution reads the 256-channel upsampled image (2) and writes two (measured
+# 8.94 GiB in all for a 2048² decode on the CPU, store and block together).
+VAE_STORE = 4
 VAE_BYTES = 335_000_000  # the autoencoder in float32 (83.8 M parameters)
 GB = 1e9
 
