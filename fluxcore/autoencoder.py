@@ -400,7 +400,7 @@ class AutoEncoder(nn.Module):
     # its attention, small) runs whole; every later 3×3 convolution runs over non-overlapping
     # blocks of the whole image with a one-pixel halo, and every GroupNorm uses statistics summed
     # over the blocks. The result is the untiled decode's (no seams, `tile_overlap` unused); the
-    # device holds one block's activations and the whole images between layers (about three
+    # device holds one block's activations and the whole images between layers (about four
     # full-resolution activations) wait in host memory when the decoder is on a GPU.
     # `shared_norm=False` and tiled encoding run the whole network per overlapping tile and
     # normalise per tile (the usual tiled VAE: the least memory anywhere, visible drift).
@@ -515,7 +515,7 @@ class AutoEncoder(nn.Module):
         (zeros at the image border, as the convolution's padding), runs on the device, and writes
         its block of the next whole image; GroupNorm statistics are summed (float64) over the
         blocks as they are written. So the result is the untiled decode's, with no seams, while
-        the device holds one block's activations and the store about three whole images."""
+        the device holds one block's activations and the store about four whole images."""
         dec = self.decoder
         dev, dtype = z.device, dec.conv_out.weight.dtype
         h = dec.mid(dec.conv_in(z)).to(dtype)
