@@ -42,20 +42,11 @@ from common import (
 )  # fmt: skip
 
 import fluxcore
-from fluxcore.toydata import COLORS, HELD_OUT, ShapeSpec, caption, classify
+from fluxcore.toydata import ShapeSpec, classify, held_out_prompts
 
 
 def held_out_cases(limit: int | None = None) -> list[tuple[ShapeSpec, str]]:
-    names = list(COLORS)
-    cases = []
-    for k, (color, shape, position) in enumerate(HELD_OUT):
-        for j in (1, 4):
-            bg = names[(names.index(color) + j + k) % len(names)]
-            if bg == color:
-                bg = names[(names.index(bg) + 1) % len(names)]
-            spec = ShapeSpec(color, shape, position, bg)
-            cases.append((spec, caption(spec)))
-    return cases[:limit]
+    return held_out_prompts()[:limit]
 
 
 def accuracy(images: torch.Tensor, cases) -> tuple[float, float]:

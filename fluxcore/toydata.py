@@ -190,6 +190,21 @@ class CaptionedShapes(torch.utils.data.Dataset):
         return torch.stack([im for im, _ in items]), [c for _, c in items]
 
 
+def held_out_prompts() -> list[tuple[ShapeSpec, str]]:
+    """The evaluation prompts: each held-out combination twice, on two backgrounds chosen by a
+    fixed rule (never the shape's own colour), as (spec, caption)."""
+    names = list(COLORS)
+    out = []
+    for k, (color, shape, position) in enumerate(HELD_OUT):
+        for j in (1, 4):
+            bg = names[(names.index(color) + j + k) % len(names)]
+            if bg == color:
+                bg = names[(names.index(bg) + 1) % len(names)]
+            spec = ShapeSpec(color, shape, position, bg)
+            out.append((spec, caption(spec)))
+    return out
+
+
 def all_captions() -> list[str]:
     """Every caption the vocabulary can form, with and without the background clause (training
     and held-out combinations alike): the corpus the tokenizers are fitted on."""

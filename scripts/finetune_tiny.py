@@ -40,12 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from fluxcore.toydata import (  # noqa: E402
     COLORS,
-    HELD_OUT,
     POSITIONS,
     CaptionedShapes,
-    ShapeSpec,
-    caption,
     classify,
+    held_out_prompts,
 )
 
 MODEL = ROOT / "fluxcore" / "assets" / "flux-tiny"
@@ -140,16 +138,7 @@ def ring_prompts():
 
 def standard_prompts():
     """The held-out prompts of tests/test_tiny_model.py: (spec, prompt)."""
-    names = list(COLORS)
-    out = []
-    for k, (color, shape, position) in enumerate(HELD_OUT):
-        for j in (1, 4):
-            bg = names[(names.index(color) + j + k) % len(names)]
-            if bg == color:
-                bg = names[(names.index(bg) + 1) % len(names)]
-            spec = ShapeSpec(color, shape, position, bg)
-            out.append((spec, caption(spec)))
-    return out
+    return held_out_prompts()
 
 
 def generate(pipe, prompts, seeds, steps):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxcore.toydata import COLORS, HELD_OUT, ShapeSpec, all_captions, caption, classify
+from fluxcore.toydata import all_captions, classify, held_out_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "fluxcore" / "assets" / "flux-tiny"
@@ -51,21 +51,6 @@ def pipe():
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     return FluxPipeline.from_pretrained(DEMO)
-
-
-def held_out_prompts():
-    """Each held-out combination twice, on two backgrounds (chosen by a fixed rule)."""
-    names = list(COLORS)
-    out = []
-    for k, (color, shape, position) in enumerate(HELD_OUT):
-        for j in (1, 4):
-            bg = names[(names.index(color) + j + k) % len(names)]
-            if bg == color:
-                bg = names[(names.index(bg) + 1) % len(names)]
-            out.append(
-                (ShapeSpec(color, shape, position, bg), caption(ShapeSpec(color, shape, position, bg)))
-            )
-    return out
 
 
 @needs_model
