@@ -362,21 +362,14 @@ def load_quantized_flux(
     for path in [p for p in e.quant if p.split(".")[0] in _DENSE_TOP]:
         shape, make = e.quant.pop(path)
         e.dense[path + ".weight"] = (shape, lambda make=make: make(None, None).dequantized_weight(dtype))
-    try:
-        if config is None:
-            config = infer_config(e.shapes(), source=e.source)
-        elif isinstance(config, str):
-            config = get_config(config)
-        with torch.device("meta"):
-            model = Flux(config)
-        fill(model, e, device=device, dtype=dtype, compute=compute)
-    finally:
-        ck = getattr(e, "checkpoint", None)
-        if ck is not None:
-            ck.close()
-    model.source, model.quant_format = str(source), e.format
+
+    def build() -> Flux:
+        cfg = infer_config(e.shapes(), source=e.source) if config is None else config
+        return Flux(get_config(cfg) if isinstance(cfg, str) else cfg)
+
+    model = _materialise(build, e, source, device=device, dtype=dtype, compute=compute)
     model.variant = getattr(model, "variant", None)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 # --- T5 ---------------------------------------------------------------------------------------------
@@ -442,9 +435,15 @@ def load_quantized_t5(source, *, device=None, dtype: torch.dtype = torch.bfloat1
     d_ff = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0]
     config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_layers=len(layers),
                       num_heads=heads, relative_attention_num_buckets=buckets)  # fmt: skip
+    return _materialise(lambda: T5Encoder(config), e, source, device=device, dtype=dtype, compute=compute)
+
+
+def _materialise(build, e: Entries, source, *, device, dtype, compute) -> nn.Module:
+    """`build()` on the meta device, filled from `e` (its file closed afterwards, also on error),
+    tagged with its source and quantization format; eval mode, no gradients."""
     try:
         with torch.device("meta"):
-            model = T5Encoder(config)
+            model = build()
         fill(model, e, device=device, dtype=dtype, compute=compute)
     finally:
         ck = getattr(e, "checkpoint", None)
