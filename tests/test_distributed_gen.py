@@ -39,6 +39,11 @@ summary = generate_many(pipe, prompts, out, width=64, height=64, steps=2,
 with open(os.path.join(out, f"summary-{info.rank}.json"), "w") as f:
     json.dump({"generated": summary.generated, "skipped": summary.skipped}, f)
 destroy_distributed()
+# Exit without the interpreter's teardown: with a context-parallel mesh, a gloo rank was seen to
+# abort there ("terminate called without an active exception", 2 of 5 full CI runs, never in
+# isolation) after all of its work was done; the test checks the work, not gloo's destructors.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
